@@ -1,0 +1,132 @@
+"""Safe image decoding and per-image facts, shared by ingest, drift monitoring and serving.
+
+``decode_image`` refuses anything that is not a plain raster image, and refuses decompression bombs
+by reading the header's dimensions before decoding any pixel. ``image_facts`` computes the numbers
+that validation checks and drift monitoring compares (same function everywhere, so serving logs and
+ingest manifests are comparable).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.errors import LeukopsError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+FACT_COLUMNS = (
+    "width",
+    "height",
+    "channels",
+    "brightness",
+    "contrast",
+    "blur_var",
+    "hue_mean",
+    "saturation_mean",
+    "red_mean",
+    "green_mean",
+    "blue_mean",
+    "purple_share",
+    "hematoxylin_od",
+    "eosin_od",
+)
+# Optical-density colour-deconvolution vectors for haematoxylin and eosin (Ruifrok & Johnston 2001).
+_HE_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HE_INVERSE = np.linalg.inv(_HE_STAINS / np.linalg.norm(_HE_STAINS, axis=1, keepdims=True))
+
+
+class ImageDecodeError(LeukopsError, ValueError):
+    """The bytes are not a usable image; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: np.ndarray  # HxWx3 uint8, RGB
+    format: str  # e.g. JPEG, PNG, BMP
+    source_channels: int  # channels as stored (1 grey, 3 RGB, 4 RGBA)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode bytes to RGB uint8, refusing empty, non-image, truncated and oversized inputs."""
+    if not data:
+        raise ImageDecodeError("empty", "0-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            probe = Image.open(io.BytesIO(data))
+            width, height = probe.size
+            fmt = probe.format or "UNKNOWN"
+            mode = probe.mode
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        if isinstance(err, UnidentifiedImageError):
+            raise ImageDecodeError("not_an_image", "not a recognised image format") from err
+        raise ImageDecodeError("too_many_pixels", str(err)) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError("corrupt", f"unreadable header: {err}") from err
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_many_pixels", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            probe.load()  # PIL raises on truncated data, where OpenCV would return half-grey pixels
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError("truncated", f"pixel data could not be decoded: {err}") from err
+    channels = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4, "I;16": 1, "I": 1, "F": 1}
+    rgb = np.asarray(probe.convert("RGB"), dtype=np.uint8)
+    return DecodedImage(rgb=rgb, format=fmt, source_channels=channels.get(mode, len(probe.getbands())))
+
+
+def perceptual_hash(rgb: np.ndarray) -> str:
+    """64-bit DCT perceptual hash (pHash) as 16 hex digits: robust to re-encoding and small resizes."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    small = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA)
+    low = cv2.dct(small)[:8, :8].flatten()
+    bits = low > np.median(low[1:])
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def hamming(hash_a: str, hash_b: str) -> int:
+    return (int(hash_a, 16) ^ int(hash_b, 16)).bit_count()
+
+
+def stain_optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Per-pixel haematoxylin / eosin / residual optical densities (HxWx3) by colour deconvolution."""
+    od = -np.log(np.clip(rgb.astype(np.float32), 1, 255) / 255.0)
+    return od.reshape(-1, 3) @ _HE_INVERSE.astype(np.float32)
+
+
+def image_facts(rgb: np.ndarray, source_channels: int = 3) -> dict[str, float]:
+    """Scalar facts about one RGB image (names in FACT_COLUMNS)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hue = hsv[..., 0].astype(np.float32) * (2 * np.pi / 180.0)
+    saturation = hsv[..., 1]
+    purple = ((hsv[..., 0] >= 120) & (hsv[..., 0] <= 165) & (saturation >= 40)).mean()
+    stains = stain_optical_density(rgb)
+    hue_mean = float(np.degrees(np.arctan2(np.sin(hue).mean(), np.cos(hue).mean())) % 360)
+    return {
+        "width": float(rgb.shape[1]),
+        "height": float(rgb.shape[0]),
+        "channels": float(source_channels),
+        "brightness": float(grey.mean()),
+        "contrast": float(grey.std()),
+        "blur_var": float(cv2.Laplacian(grey, cv2.CV_64F).var()),
+        "hue_mean": hue_mean,
+        "saturation_mean": float(saturation.mean()),
+        "red_mean": float(rgb[..., 0].mean()),
+        "green_mean": float(rgb[..., 1].mean()),
+        "blue_mean": float(rgb[..., 2].mean()),
+        "purple_share": float(purple),
+        "hematoxylin_od": float(stains[:, 0].mean()),
+        "eosin_od": float(stains[:, 1].mean()),
+    }

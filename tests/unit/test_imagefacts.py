@@ -1,0 +1,87 @@
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.imagefacts import (
+    FACT_COLUMNS,
+    ImageDecodeError,
+    decode_image,
+    hamming,
+    image_facts,
+    perceptual_hash,
+)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture
+def smear() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rgb = np.full((64, 64, 3), (230, 200, 210), np.uint8)
+    cv2.circle(rgb, (32, 32), 12, (120, 60, 160), -1)
+    return np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"just some text, not an image", "not_an_image"),
+    ],
+)
+def test_decode_refuses_non_images(data, reason):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.reason == reason
+
+
+def test_decode_refuses_truncated_jpeg(smear):
+    data = _jpeg(smear)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data[: len(data) // 2])
+    assert err.value.reason in {"truncated", "corrupt"}
+
+
+def test_decode_refuses_pixel_bomb_before_decoding(smear):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(_png(np.zeros((200, 200, 3), np.uint8)), max_pixels=10_000)
+    assert err.value.reason == "too_many_pixels"
+
+
+def test_grey_and_rgba_decode_to_rgb_and_keep_channel_count(smear):
+    grey = decode_image(_png(smear[..., 0]))
+    rgba = decode_image(_png(np.dstack([smear, np.full(smear.shape[:2], 255, np.uint8)])))
+    assert grey.rgb.shape == (64, 64, 3) and grey.source_channels == 1
+    assert rgba.rgb.shape == (64, 64, 3) and rgba.source_channels == 4
+
+
+def test_facts_are_complete_and_track_brightness(smear):
+    facts = image_facts(smear)
+    assert set(facts) == set(FACT_COLUMNS)
+    brighter = image_facts(np.clip(smear.astype(int) + 40, 0, 255).astype(np.uint8))
+    assert brighter["brightness"] > facts["brightness"] + 30
+    assert 0 < facts["purple_share"] < 1
+
+
+def test_phash_survives_reencoding_and_resize_but_not_other_images(shared_data):
+    files = sorted((shared_data / "all_taleqani" / "Early").glob("*.jpg"))[:2]
+    original = decode_image(files[0].read_bytes()).rgb
+    reencoded = decode_image(_jpeg(original, quality=60)).rgb
+    resized = cv2.resize(original, (200, 200), interpolation=cv2.INTER_AREA)
+    other = decode_image(files[1].read_bytes()).rgb
+    assert hamming(perceptual_hash(original), perceptual_hash(reencoded)) <= 4
+    assert hamming(perceptual_hash(original), perceptual_hash(resized)) <= 4
+    assert hamming(perceptual_hash(original), perceptual_hash(other)) > 12
