@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-shot Airflow init for compose/Kubernetes: migrate the metadata DB, create the `gpu` pool (a task on
+# a missing pool is never scheduled) and the connections the DAGs read (mapped onto leukops settings).
+# Idempotent: rerunning replaces the connections with the current values.
+set -euo pipefail
+airflow db migrate
+airflow pools set gpu "${LEUKOPS_GPU_POOL_SLOTS:-1}" "GPU training jobs (leukops)"
+python - <<'PY'
+import json, os, subprocess
+
+connections = {
+    "leukops_s3": {
+        "conn_type": "aws",
+        "login": os.environ["LEUKOPS_S3_ACCESS_KEY"],
+        "password": os.environ["LEUKOPS_S3_SECRET_KEY"],
+        "extra": {"endpoint_url": os.environ["LEUKOPS_S3_ENDPOINT"], "region_name": "us-east-1"},
+    },
+    "leukops_mlflow": {"conn_type": "http", "host": os.environ["LEUKOPS_MLFLOW_TRACKING_URI"]},
+}
+for conn_id, conn in connections.items():
+    subprocess.run(["airflow", "connections", "delete", conn_id], capture_output=True)
+    subprocess.run(["airflow", "connections", "add", conn_id, "--conn-json", json.dumps(conn)], check=True)
+PY
+echo "leukops airflow init done"

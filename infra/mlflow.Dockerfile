@@ -1,0 +1,6 @@
+# MLflow tracking server: Postgres backend, S3 artifacts (proxied), non-root.
+FROM ghcr.io/mlflow/mlflow:v3.17.2 AS base
+RUN pip install --no-cache-dir "psycopg2-binary==2.9.10" "boto3==1.44.8" \
+ && useradd --create-home --uid 10002 mlflow
+USER mlflow
+EXPOSE 5000
