@@ -20,10 +20,12 @@ from PIL import Image
 from timm.data.transforms import str_to_pil_interp
 
 from pipelines.errors import LeukopsError
+from pipelines.localization import CORNER_HEIGHT_SHARE, CORNER_WIDTH_SHARE
 
 PREPROCESSING_VERSION = 1
 DEFAULT_ROI_THRESHOLD = 20  # grey level (0-255) under which a pixel counts as black border
-DEFAULT_CORNER_BOX = (0.12, 0.22)  # (height, width) fractions: covers the ALL set's scale-bar labels
+# (height, width) fractions: the same box the localization metrics and the synthetic shortcut use
+DEFAULT_CORNER_BOX = (CORNER_HEIGHT_SHARE, CORNER_WIDTH_SHARE)
 MIN_ROI_AREA_FRACTION = 0.05  # a smaller "largest contour" is noise, not the field of view
 
 REQUIRED_KEYS = ("input_size", "mean", "std", "interpolation", "roi_crop", "mask_corner", "corner_box")
