@@ -218,14 +218,18 @@ class Registry:
                 raise
 
     def _model_source(self, run: RunRecord) -> tuple[str, str | None]:
-        """Where the run's canonical model lives: run artifacts under ``model/``, else a logged model."""
-        if self.client.list_artifacts(run.run_id, MODEL_ARTIFACT_PATH):
-            return f"{run.artifact_uri}/{MODEL_ARTIFACT_PATH}", None
+        """Where the run's canonical model lives: its MLflow 3 logged model, else run artifacts ``model/``.
+
+        The logged model comes first: MLflow 3's ``list_artifacts(run, "model")`` also lists a logged
+        model's files, while the run-artifact path it suggests holds nothing to load.
+        """
         logged = self.client.search_logged_models([run.experiment_id], filter_string=f"name = '{MODEL_ARTIFACT_PATH}'")
         mine = [m for m in logged if m.source_run_id == run.run_id]
-        if not mine:
-            raise RegistryError(f"run {run.run_id} has no model at artifact path {MODEL_ARTIFACT_PATH!r}")
-        return f"models:/{mine[-1].model_id}", mine[-1].model_id
+        if mine:
+            return f"models:/{mine[-1].model_id}", mine[-1].model_id
+        if self.client.list_artifacts(run.run_id, MODEL_ARTIFACT_PATH):
+            return f"{run.artifact_uri}/{MODEL_ARTIFACT_PATH}", None
+        raise RegistryError(f"run {run.run_id} has no model at artifact path {MODEL_ARTIFACT_PATH!r}")
 
     # --- aliases ----------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""leukops serving: the champion model behind a FastAPI app (``serving.app.create_app``)."""

@@ -1,0 +1,76 @@
+"""Grad-CAM for one served request: the heatmap on the input image, its PNG overlay and localization figures.
+
+The map is computed by ``pipelines.explain.gradcam`` on the model's own preprocessing of the image, then
+mapped back onto the input's pixel grid, so the overlay has the input's size and the localization
+figures (nucleus and artefact masses, from the same functions the promotion gate's figures come from)
+refer to the image the client sent.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import cv2
+import numpy as np
+from numpy.lib.array_utils import byte_bounds
+
+from pipelines.explain import gradcam, heat_overlay
+from pipelines.localization import flat_metrics, localization_report
+from pipelines.preprocess import DEFAULT_ROI_THRESHOLD, roi_crop
+from pipelines.segmentation import foreground_mask, nucleus_mask
+from serving.model import ServedModel
+
+
+def roi_box(rgb: np.ndarray, preprocessing: dict) -> tuple[int, int, int, int]:
+    """(y, x, h, w) of the region the model saw: the ROI crop of ``preprocess`` (whole image without it).
+
+    ``preprocess.roi_crop`` returns a slice (a view) of its input, so the view's offset in memory is
+    exactly where the crop starts; this reuses the one ROI function instead of re-deriving its box.
+    """
+    if not preprocessing.get("roi_crop"):
+        return 0, 0, rgb.shape[0], rgb.shape[1]
+    rgb = np.ascontiguousarray(rgb)
+    crop = roi_crop(rgb, int(preprocessing.get("roi_threshold", DEFAULT_ROI_THRESHOLD)))
+    offset = byte_bounds(crop)[0] - byte_bounds(rgb)[0]
+    y, rest = divmod(offset, rgb.strides[0])
+    return int(y), int(rest // rgb.strides[1]), crop.shape[0], crop.shape[1]
+
+
+def heatmap_on_input(heat: np.ndarray, rgb: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """The model-input heatmap mapped back onto the input image's pixel grid (0 outside the ROI crop)."""
+    y, x, h, w = roi_box(rgb, preprocessing)
+    on_input = np.zeros(rgb.shape[:2], dtype=np.float32)
+    resized = cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    on_input[y : y + h, x : x + w] = np.clip(resized, 0, None)
+    return on_input
+
+
+def localization_figures(rgb: np.ndarray, heat: np.ndarray) -> dict[str, float]:
+    """Nucleus / background / corner masses, area shares and enrichments, pointing game, rank accuracy."""
+    report = localization_report(heat, nucleus_mask(rgb), foreground_mask(rgb))
+    return flat_metrics(report, "")
+
+
+def png_base64(rgb: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"PNG encoding of a {rgb.shape} overlay failed")
+    return base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def explain_image(served: ServedModel, rgb: np.ndarray, class_index: int) -> dict:
+    """Grad-CAM of ``class_index`` for one image: overlay PNG (base64) of the input size + localization."""
+    model = served.model
+    batch = model.batch([rgb])
+    with served.lock:
+        heat = gradcam(model, model.gradcam_layer, batch, target=class_index)[0]
+    height, width = rgb.shape[:2]
+    on_input = heatmap_on_input(heat, rgb, model.preprocessing)
+    return {
+        "method": "gradcam",
+        "target_class": model.classes[class_index],
+        "overlay_png_base64": png_base64(heat_overlay(rgb, on_input)),
+        "width": width,
+        "height": height,
+        "localization": localization_figures(rgb, on_input),
+    }

@@ -1,0 +1,306 @@
+"""The live model: which registry version serves, hot reload when ``@champion`` moves, batched inference.
+
+A request takes one reference to the current ``ServedModel`` and uses only that object, so swapping the
+reference (a single attribute assignment) never disturbs a request in flight: it finishes on the model it
+started with. A version that fails to load leaves the old model serving; the failure shows in
+``/readyz``. Inference runs on one worker thread that gathers concurrent requests into micro-batches:
+on CPU one forward pass over N images is cheaper than N passes, and one thread avoids oversubscribing
+the cores PyTorch already parallelises over.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from pipelines.errors import LeukopsError
+
+if TYPE_CHECKING:
+    from pipelines.settings import Settings
+    from pipelines.tracking import LoadedModel
+
+log = logging.getLogger("leukops.serving")
+
+
+class ModelUnavailableError(LeukopsError):
+    """No model version could be loaded yet (the app answers 503 until one is)."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered model version as the registry describes it."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+
+
+class ModelSource(Protocol):
+    """Where the served model comes from: an alias to poll and a way to load a version."""
+
+    name: str
+    task: str
+
+    def resolve(self) -> str:
+        """The version the alias points at now."""
+
+    def describe(self, version: str) -> ModelVersion: ...
+
+    def load(self, version: str) -> LoadedModel: ...
+
+
+class RegistrySource:
+    """``models:/leukops-<task>@<alias>`` in the MLflow registry, loaded by version number.
+
+    Loading the resolved version (not the alias) makes the loaded weights exactly the version that
+    ``resolve`` saw, even if the alias moves again during the download.
+    """
+
+    def __init__(self, settings: Settings, task: str | None = None, alias: str = "champion") -> None:
+        from pipelines.registry import Registry
+
+        self.task = task or settings.serve_task
+        self.name = settings.registered_model_name(self.task)
+        self.alias = alias
+        self.registry = Registry.from_settings(settings)
+
+    def resolve(self) -> str:
+        version = self.registry.aliases(self.task).get(self.alias)
+        if version is None:
+            raise ModelUnavailableError(f"{self.name} has no @{self.alias} version (promote a model first)")
+        return version
+
+    def describe(self, version: str) -> ModelVersion:
+        record = self.registry.version(self.task, version)
+        return ModelVersion(self.name, record.version, record.aliases, record.tags, record.run_id)
+
+    def load(self, version: str) -> LoadedModel:
+        """The version's canonical model, read from its training run (``runs:/<run_id>/model``).
+
+        The run's model is what the version was registered from; reading it by run id does not depend
+        on how the registry recorded the version's source (a run-artifact path or a logged-model id).
+        """
+        from pipelines.tracking import load_model
+
+        run_id = self.describe(version).run_id
+        return load_model(f"runs:/{run_id}/model" if run_id else f"models:/{self.name}/{version}")
+
+
+@dataclass
+class ServedModel:
+    """One loaded version. ``lock`` serialises work on its module (Grad-CAM hooks vs. batched forwards)."""
+
+    version: ModelVersion
+    model: LoadedModel
+    loaded_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.model.classes)
+
+
+@dataclass
+class ReloadStatus:
+    last_check: float | None = None
+    last_error: str | None = None
+    failed_version: str | None = None
+    reloads: int = 0
+
+
+class ModelHolder:
+    """Holds the current ``ServedModel`` and polls the source for a new version in a daemon thread."""
+
+    def __init__(self, source: ModelSource, reload_interval_s: float) -> None:
+        self.source = source
+        self.reload_interval_s = reload_interval_s
+        self.status = ReloadStatus()
+        self._current: ServedModel | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> ServedModel | None:
+        return self._current
+
+    def require(self) -> ServedModel:
+        served = self._current
+        if served is None:
+            raise ModelUnavailableError(
+                f"no version of {self.source.name} is loaded yet: {self.status.last_error or 'still loading'}"
+            )
+        return served
+
+    def start(self) -> None:
+        """Load the current version now (failures are recorded, not raised), then poll in the background."""
+        self.check_for_update()
+        self._thread = threading.Thread(target=self._poll, name="leukops-model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.reload_interval_s):
+            self.check_for_update()
+
+    def check_for_update(self) -> bool:
+        """Swap in the alias's version if it changed; True when a new version went live."""
+        self.status.last_check = time.time()
+        try:
+            version = self.source.resolve()
+        except Exception as err:  # noqa: BLE001 - a registry outage must not kill the poller
+            self._record_failure(None, f"cannot resolve the alias of {self.source.name}: {err}")
+            return False
+        current = self._current
+        if current is not None and current.version.version == version:
+            self.status.last_error = self.status.failed_version = None
+            return False
+        if version == self.status.failed_version:
+            return False  # already failed to load; wait for the alias to move again
+        try:
+            served = self._load(version)
+        except Exception as err:  # noqa: BLE001 - any load failure keeps the old model serving
+            self._record_failure(version, f"loading {self.source.name} version {version} failed: {err}")
+            return False
+        self._current = served
+        self.status.reloads += 1
+        self.status.last_error = self.status.failed_version = None
+        log.info("serving %s version %s", self.source.name, version)
+        return True
+
+    def _load(self, version: str) -> ServedModel:
+        model = self.source.load(version)
+        model.module.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on CPU (and GPU)
+        return ServedModel(self.source.describe(version), model, time.time())
+
+    def _record_failure(self, version: str | None, message: str) -> None:
+        self.status.last_error = message
+        self.status.failed_version = version
+        log.warning("%s%s", message, "; keeping the current model" if self._current else "")
+
+    def describe_current(self) -> ModelVersion:
+        """The live version with fresh aliases and tags (they move after load); cached on registry errors."""
+        served = self.require()
+        try:
+            return self.source.describe(served.version.version)
+        except Exception as err:  # noqa: BLE001 - describing is best effort; serving does not depend on it
+            log.warning("describing %s version %s failed: %s", self.source.name, served.version.version, err)
+            return served.version
+
+    def readiness(self) -> dict[str, Any]:
+        served = self._current
+        return {
+            "ready": served is not None,
+            "model": self.source.name,
+            "version": served.version.version if served else None,
+            "loaded_at": served.loaded_at if served else None,
+            "last_check": self.status.last_check,
+            "reloads": self.status.reloads,
+            "reload_error": self.status.last_error,
+            "failed_version": self.status.failed_version,
+        }
+
+
+@dataclass(frozen=True)
+class Prediction:
+    proba: np.ndarray  # (n_classes,)
+    embedding: np.ndarray | None
+    served: ServedModel
+    batch_size: int
+
+
+def forward(
+    served: ServedModel, batch: torch.Tensor, with_embeddings: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities and (optionally) pooled embeddings from ONE encoder pass.
+
+    The embedding is the head's GAP output (what ``LoadedModel.embed`` returns), so taking it beside the
+    logits is free, where calling ``predict_proba`` and ``embed`` would run the encoder twice.
+    """
+    module = served.model.module
+    with served.lock, torch.inference_mode():
+        x = batch.to(served.model.device).contiguous(memory_format=torch.channels_last)
+        features = module.encoder.forward_features(x)
+        proba = torch.softmax(module.head(features).float(), dim=-1).cpu().numpy()
+        embedding = module.head.pool(features).float().cpu().numpy() if with_embeddings else None
+    return proba, embedding
+
+
+@dataclass
+class _Job:
+    served: ServedModel
+    tensor: torch.Tensor  # one preprocessed image, 3xHxW
+    future: Future
+
+
+class BatchPredictor:
+    """One inference thread that runs up to ``max_batch`` queued images per forward pass.
+
+    A job carries the model it was preprocessed for, so a batch never mixes versions and a request that
+    started before a hot reload finishes on its own version.
+    """
+
+    def __init__(self, max_batch: int, wait_ms: float, with_embeddings: bool) -> None:
+        self.max_batch = max(1, max_batch)
+        self.wait_s = wait_ms / 1000.0
+        self.with_embeddings = with_embeddings
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="leukops-inference", daemon=True)
+        self._thread.start()
+
+    def submit(self, served: ServedModel, tensor: torch.Tensor) -> Future:
+        future: Future = Future()
+        self._jobs.put(_Job(served, tensor, future))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (first := self._jobs.get()) is not None:
+            batch = [first, *self._gather()]
+            jobs = [job for job in batch if job is not None]
+            for served in {id(job.served): job.served for job in jobs}.values():
+                self._predict([job for job in jobs if job.served is served])
+            if batch[-1] is None:
+                return
+
+    def _gather(self) -> list[_Job | None]:
+        """More jobs that arrive within the wait window (a ``None`` ends the batch and the thread)."""
+        jobs: list[_Job | None] = []
+        deadline = time.monotonic() + self.wait_s
+        while len(jobs) + 1 < self.max_batch:
+            try:
+                job = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            jobs.append(job)
+            if job is None:
+                break
+        return jobs
+
+    def _predict(self, jobs: list[_Job]) -> None:
+        try:
+            batch = torch.stack([job.tensor for job in jobs])
+            proba, embeddings = forward(jobs[0].served, batch, self.with_embeddings)
+        except Exception as err:  # noqa: BLE001 - the error belongs to the requests, not to this thread
+            for job in jobs:
+                job.future.set_exception(err)
+            return
+        for i, job in enumerate(jobs):
+            embedding = embeddings[i] if embeddings is not None else None
+            job.future.set_result(Prediction(proba[i], embedding, job.served, len(jobs)))
