@@ -105,28 +105,47 @@ def stain_optical_density(rgb: np.ndarray) -> np.ndarray:
     return od.reshape(-1, 3) @ _HE_INVERSE.astype(np.float32)
 
 
+# Per-level lookup tables: facts reduce to per-channel histograms, which keeps them ~0.3 ms per image.
+_OD_OF_LEVEL = -np.log(np.clip(np.arange(256, dtype=np.float64), 1, 255) / 255.0)
+_HUE_ANGLE = np.arange(180) * (2 * np.pi / 180.0)
+
+
+def _channel_histograms(image: np.ndarray) -> np.ndarray:
+    """3x256 histogram of an HxWx3 uint8 image."""
+    return np.stack([cv2.calcHist([image], [c], None, [256], [0, 256]).ravel() for c in range(3)])
+
+
 def image_facts(rgb: np.ndarray, source_channels: int = 3) -> dict[str, float]:
-    """Scalar facts about one RGB image (names in FACT_COLUMNS)."""
+    """Scalar facts about one RGB image (names in FACT_COLUMNS).
+
+    Means of per-pixel quantities come from channel histograms (the stain means are linear in the
+    per-channel optical densities, so mean-then-deconvolve equals deconvolve-then-mean).
+    """
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    hue = hsv[..., 0].astype(np.float32) * (2 * np.pi / 180.0)
-    saturation = hsv[..., 1]
-    purple = ((hsv[..., 0] >= 120) & (hsv[..., 0] <= 165) & (saturation >= 40)).mean()
-    stains = stain_optical_density(rgb)
-    hue_mean = float(np.degrees(np.arctan2(np.sin(hue).mean(), np.cos(hue).mean())) % 360)
+    n = float(grey.size)
+    rgb_hist, hsv_hist = _channel_histograms(rgb), _channel_histograms(hsv)
+    levels = np.arange(256)
+    rgb_means = rgb_hist @ levels / n
+    mean_od = rgb_hist @ _OD_OF_LEVEL / n
+    stains = mean_od @ _HE_INVERSE
+    hue_hist = hsv_hist[0, :180]
+    hue_mean = float(np.degrees(np.arctan2(hue_hist @ np.sin(_HUE_ANGLE), hue_hist @ np.cos(_HUE_ANGLE))) % 360)
+    purple = cv2.countNonZero(cv2.inRange(hsv, (120, 40, 0), (165, 255, 255))) / n
+    grey_mean, grey_std = cv2.meanStdDev(grey)
     return {
         "width": float(rgb.shape[1]),
         "height": float(rgb.shape[0]),
         "channels": float(source_channels),
-        "brightness": float(grey.mean()),
-        "contrast": float(grey.std()),
+        "brightness": float(grey_mean[0, 0]),
+        "contrast": float(grey_std[0, 0]),
         "blur_var": float(cv2.Laplacian(grey, cv2.CV_64F).var()),
         "hue_mean": hue_mean,
-        "saturation_mean": float(saturation.mean()),
-        "red_mean": float(rgb[..., 0].mean()),
-        "green_mean": float(rgb[..., 1].mean()),
-        "blue_mean": float(rgb[..., 2].mean()),
+        "saturation_mean": float(hsv_hist[1] @ levels / n),
+        "red_mean": float(rgb_means[0]),
+        "green_mean": float(rgb_means[1]),
+        "blue_mean": float(rgb_means[2]),
         "purple_share": float(purple),
-        "hematoxylin_od": float(stains[:, 0].mean()),
-        "eosin_od": float(stains[:, 1].mean()),
+        "hematoxylin_od": float(stains[0]),
+        "eosin_od": float(stains[1]),
     }
