@@ -7,13 +7,19 @@ without them, naming the variable to set.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from pipelines.errors import LeukopsError
 
@@ -52,6 +58,34 @@ class DriftThresholds(BaseModel):
     retrain_on_prediction_drift: bool = False  # ... or (when true) the predicted-class mix drifted
 
 
+class RetrainConfig(BaseModel):
+    """What the nightly retrain trains: the task(s) and the backbone x augmentation grid."""
+
+    schedule: str = "0 2 * * *"
+    tasks: list[str] = Field(default_factory=lambda: ["all_subtypes"])
+    backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"])
+    augmentations: list[str] = Field(default_factory=lambda: ["none"])
+    epochs: int = 5
+    image_size: int = 128
+    batch_size: int = 32
+    max_images: int | None = None
+    time_budget_min: float | None = 60.0
+    explain_samples: int = 32
+    explain_lime_images: int = 3
+    gpu_pool_slots: int = 1
+
+
+class SchedulesConfig(BaseModel):
+    drift: str = "0 6 * * *"
+    ingest_poll: str = "*/30 * * * *"
+    drift_window_days: int = 1
+
+
+def config_file_path() -> Path:
+    """The versioned pipeline config (grid, schedules, thresholds); LEUKOPS_CONFIG_FILE moves it."""
+    return Path(os.environ.get("LEUKOPS_CONFIG_FILE", "leukops.yaml"))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LEUKOPS_",
@@ -76,7 +110,9 @@ class Settings(BaseSettings):
 
     sources_dir: Path = Path("expectations/sources")
     suite_dir: Path = Path("expectations")
-    config_file: Path = Path("leukops.yaml")
+    config_file: Path = Field(default_factory=config_file_path)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    schedules: SchedulesConfig = Field(default_factory=SchedulesConfig)
 
     api_token: SecretStr | None = None
     serve_task: str = "all_subtypes"  # serving: the task whose @champion the API serves
@@ -94,6 +130,19 @@ class Settings(BaseSettings):
     require_approval: bool = False  # promotion: a passing candidate waits as @challenger for `leukops approve`
     actor: str | None = None  # who registry audit tags name (default: the OS user), e.g. airflow:<dag_run_id>
     drift: DriftThresholds = Field(default_factory=DriftThresholds)  # pipelines.drift (issue 7)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then .env, then the versioned config file.
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=config_file_path())
+        return init_settings, env_settings, dotenv_settings, yaml_source, file_secret_settings
 
     @model_validator(mode="after")
     def _secrets_present(self) -> Settings:

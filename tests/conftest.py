@@ -73,9 +73,11 @@ def settings(session_env: dict[str, str]) -> Settings:
 def stack(settings: Settings) -> Iterator[LocalStack]:
     """The real local S3 + MLflow servers, started once per session and stopped at the end."""
     local = LocalStack(settings)
-    local.up()
-    yield local
-    local.down()
+    try:
+        local.up()
+        yield local
+    finally:
+        local.down()  # also after a failed start: never leave a half-started stack behind
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipelines.errors import LeukopsError
 
-COMMAND_MODULES = ("stack", "images", "serve", "models", "data", "drift", "train")
+COMMAND_MODULES = ("stack", "orchestration", "images", "serve", "models", "data", "drift", "train", "explain")
 
 
 @dataclass
