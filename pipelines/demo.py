@@ -155,7 +155,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     for verdict in summary["drift"]:
         for report in verdict.get("reports", []):
             lines.append(
-                f"drift   {verdict['task']} {report['current']}: drift={report['summary']['drift_detected']} "
+                f"drift   {verdict['task']} {report['current']}: drift={report['drift_detected']} "
                 f"retrain_recommended={report['retrain_recommended']}  report {report['report_html']}"
             )
         if verdict.get("note"):

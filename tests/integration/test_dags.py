@@ -91,21 +91,17 @@ def airflow_settings(stack, settings, tmp_path_factory):
         "LEUKOPS_SOURCES_DIR": str(tmp_path_factory.mktemp("dag-sources")),
         "LEUKOPS_REGISTERED_MODEL_PREFIX": "dagtest",
     }
-    saved = {k: os.environ.get(k) for k in (*RETRAIN_ENV, *isolation)}
-    os.environ.update(RETRAIN_ENV | isolation)
-    get_settings.cache_clear()
-    local = get_settings()
-    synth = tmp_path_factory.mktemp("synth-dag")
-    write_synthetic(synth, TASK, per_class=12, size=64, seed=3)
-    identity = {c: c for c in ("Benign", "Early", "Pre", "Pro")}
-    save_source(Source("dag-synth", str(synth / "images"), "folders", identity, (TASK,)), local)
-    airflow_local.init(local, DAGS)
-    yield local
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in (RETRAIN_ENV | isolation).items():
+            env.setenv(key, value)
+        get_settings.cache_clear()
+        local = get_settings()
+        synth = tmp_path_factory.mktemp("synth-dag")
+        write_synthetic(synth, TASK, per_class=12, size=64, seed=3)
+        identity = {c: c for c in ("Benign", "Early", "Pre", "Pro")}
+        save_source(Source("dag-synth", str(synth / "images"), "folders", identity, (TASK,)), local)
+        airflow_local.init(local, DAGS)
+        yield local
     get_settings.cache_clear()
 
 
