@@ -114,15 +114,32 @@ def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
 def limit_rows(frame: pd.DataFrame, max_images: int | None) -> pd.DataFrame:
     """A deterministic, split- and class-stratified subset of at most ``max_images`` rows.
 
-    Rows are ordered by sha256 (uniformly random but stable), and every (split, class) cell keeps its share,
-    at least one row, so a tiny run still sees every class it can.
+    Rows are ordered by sha256 (uniformly random but stable); every (split, class) cell keeps its share
+    (largest-remainder rounding) and at least one row while the budget allows, so a tiny run still sees
+    every class it can.
     """
     if max_images is None or len(frame) <= max_images:
         return frame.reset_index(drop=True)
-    share = max_images / len(frame)
     ordered = frame.sort_values("sha256")
-    kept = [cell.head(max(1, round(len(cell) * share))) for _, cell in ordered.groupby(["split", "label"], sort=True)]
+    cells = [cell for _, cell in ordered.groupby(["split", "label"], sort=True)]
+    quotas = _cell_quotas([len(cell) for cell in cells], max_images)
+    kept = [cell.head(quota) for cell, quota in zip(cells, quotas, strict=True) if quota]
     return pd.concat(kept).sort_values("sha256").reset_index(drop=True)
+
+
+def _cell_quotas(sizes: list[int], budget: int) -> list[int]:
+    """Per-cell row counts summing to ``budget`` (< sum(sizes)): proportional, one per cell first."""
+    exact = [size * budget / sum(sizes) for size in sizes]
+    quotas = [min(size, max(1, int(share))) for size, share in zip(sizes, exact, strict=True)]
+    while sum(quotas) > budget:  # the one-per-cell floor overshot: take from the largest cells
+        quotas[max(range(len(quotas)), key=lambda i: quotas[i])] -= 1
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - quotas[i], reverse=True)
+    for i in by_remainder:
+        if sum(quotas) == budget:
+            break
+        if quotas[i] < sizes[i]:
+            quotas[i] += 1
+    return quotas
 
 
 def make_loader(

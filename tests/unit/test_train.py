@@ -208,3 +208,19 @@ def test_stages_for_real_backbones() -> None:
     assert any(name.startswith("encoder.blocks.6") for name in finetune.trainable)
     assert not any(name.startswith(("encoder.conv_stem", "encoder.blocks.0")) for name in finetune.trainable)
     assert all(p.requires_grad for p in lite.model.parameters())  # planning leaves the module untouched
+
+
+@pytest.mark.parametrize("budget", [5, 12, 13, 40, 41])
+def test_limit_rows_never_exceeds_the_budget_and_keeps_every_cell_when_it_can(budget):
+    import hashlib
+
+    rows = [
+        {"sha256": hashlib.sha256(f"{split}{label}{i}".encode()).hexdigest(), "split": split, "label": label}
+        for split, per_label in (("train", 33), ("val", 4), ("test", 5))
+        for label in "ABCD"
+        for i in range(per_label + (label == "A"))
+    ]
+    kept = limit_rows(pd.DataFrame(rows), budget)
+    assert len(kept) == budget
+    if budget >= 12:
+        assert kept.groupby(["split", "label"]).ngroups == 12
