@@ -40,13 +40,15 @@ def leukops_ingest():
 
         return PokeReturnValue(is_done=pending_files(source) > 0, xcom_value=source)
 
-    @task(retries=3, retry_delay=timedelta(seconds=20), retry_exponential_backoff=True)
+    # One source at a time: cross-source duplicates and label conflicts are found against what the
+    # other sources have already published.
+    @task(retries=3, retry_delay=timedelta(seconds=20), retry_exponential_backoff=True, max_active_tis_per_dagrun=1)
     def ingest_and_validate(source: str) -> dict:
         from pipelines.flows import ingest
 
         context = get_current_context()
         run_date = (context["logical_date"] or context["run_after"]).date().isoformat()
-        return ingest(source, run_date)
+        return ingest(source, context["run_id"], run_date)
 
     @task(retries=0, outlets=[ACCEPTED_IMAGES])
     def publish_accepted(report: dict) -> dict:

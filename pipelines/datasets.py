@@ -131,8 +131,8 @@ def _cell_quotas(sizes: list[int], budget: int) -> list[int]:
     """Per-cell row counts summing to ``budget`` (< sum(sizes)): proportional, one per cell first."""
     exact = [size * budget / sum(sizes) for size in sizes]
     quotas = [min(size, max(1, int(share))) for size, share in zip(sizes, exact, strict=True)]
-    while sum(quotas) > budget:  # the one-per-cell floor overshot: take from the largest cells
-        quotas[max(range(len(quotas)), key=lambda i: quotas[i])] -= 1
+    while sum(quotas) > budget:  # the one-per-cell floor overshot: take from the largest cells first
+        quotas[max((i for i in range(len(quotas)) if quotas[i]), key=lambda i: (quotas[i], sizes[i]))] -= 1
     by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - quotas[i], reverse=True)
     for i in by_remainder:
         if sum(quotas) == budget:
@@ -167,7 +167,9 @@ def make_loader(
         drop_last=train and len(dataset) > batch_size,
         num_workers=workers,
         pin_memory=cuda,
-        persistent_workers=workers > 0,
+        # Workers restart each epoch and take their seeds from the generator the loop reseeds per epoch,
+        # so a resumed run replays the same shuffles and augmentations (persistent workers would not).
+        persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         generator=generator,
         worker_init_fn=_seed_worker,

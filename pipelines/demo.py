@@ -49,7 +49,10 @@ def demo_settings(settings: Settings, task: str, image_size: int) -> Settings:
         "LEUKOPS_SOURCES_DIR": str((settings.state_dir / "demo" / "sources").resolve()),
     }
     for key, value in overrides.items():
-        os.environ.setdefault(key, value)
+        if key == "LEUKOPS_SOURCES_DIR":
+            os.environ[key] = value  # never the real registry: demo sources point into the state dir
+        else:
+            os.environ.setdefault(key, value)  # an exported grid value wins over the demo's
     from pipelines.settings import get_settings
 
     get_settings.cache_clear()

@@ -17,6 +17,7 @@ from pipelines.storage import ObjectMissingError, ObjectStore
 
 log = logging.getLogger(__name__)
 
+INGEST_STATE_PREFIX = "state/ingest"
 RETRAIN_STATE_PREFIX = "state/retrain"
 DRIFT_STATE_PREFIX = "state/drift"
 AIRFLOW_RUN_KEY_TAG = "airflow_candidate_key"
@@ -92,13 +93,20 @@ def pending_files(source: str) -> int:
     return sum(1 for f in list_files(spec, reader_for(spec, settings)) if f.path not in seen)
 
 
-def ingest(source: str, run_date: str) -> dict[str, Any]:
+def ingest(source: str, run_id: str, run_date: str) -> dict[str, Any]:
+    """Ingest + validate one source; the report is kept under the run id so a retry (or a cleared task)
+    returns the same verdict instead of "nothing new"."""
     from pipelines.ingest import ingest_source
     from pipelines.sources import load_source
 
     settings = task_settings()
-    report = ingest_source(load_source(source, settings), settings, _store(settings), run_date=run_date)
-    return report.to_dict()
+    store = _store(settings)
+    report_key = f"{INGEST_STATE_PREFIX}/{source}/{_safe(run_id)}.json"
+    if (stored := _read_state(store, report_key)) is not None:
+        return stored
+    report = ingest_source(load_source(source, settings), settings, store, run_date=run_date).to_dict()
+    store.put_json(report_key, report)
+    return report
 
 
 def ingest_verdict(report: dict[str, Any]) -> dict[str, Any]:
@@ -261,11 +269,18 @@ def _new_labelled_images(store: ObjectStore, settings: Settings, task: str, cham
 
 
 def check_drift(task: str, run_id: str, when: datetime) -> dict[str, Any]:
-    """Drift of the batches not checked yet and of the serving log window, against the champion."""
+    """Drift of the batches not checked yet and of the serving log window, against the champion.
+
+    The verdict is stored under the run id and returned as is on a retry; the checked-batches state is
+    written last and only lists batches that produced a report.
+    """
     from pipelines.drift import DriftError, find_champion, monitor
 
     settings = task_settings()
     store = _store(settings)
+    verdict_key = f"{DRIFT_STATE_PREFIX}/{task}/runs/{_safe(run_id)}.json"
+    if (stored := _read_state(store, verdict_key)) is not None:
+        return stored
     champion = find_champion(settings, task)
     if champion is None:
         return {"task": task, "reports": [], "retrain_recommended": False, "new_labelled_images": 0,
@@ -278,20 +293,22 @@ def check_drift(task: str, run_id: str, when: datetime) -> dict[str, Any]:
         try:
             outcome = monitor(task, "champion", current, settings=settings, store=store, run_date=end,
                               report_id=f"{task}-{current.replace(':', '-')}-{_safe(run_id)}")  # fmt: skip
-        except DriftError as err:  # e.g. no serving requests in the window
+        except DriftError as err:  # e.g. no serving requests in the window, a batch too small to compare
             log.info("drift %s: %s", current, err)
             continue
         reports.append({"current": current, **outcome.to_dict()})
-    checked = [c.split(":", 1)[1] for c in currents if c.startswith("batch:")]
-    previous = (_read_state(store, f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json") or {}).get("ids", [])
-    store.put_json(f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json", {"ids": sorted({*previous, *checked})})
-    return {
+    verdict = {
         "task": task,
         "champion_version": champion.version,
         "reports": reports,
         "retrain_recommended": any(r["retrain_recommended"] for r in reports),
         "new_labelled_images": _new_labelled_images(store, settings, task, champion.dataset_version),
     }
+    store.put_json(verdict_key, verdict)
+    checked = [r["current"].split(":", 1)[1] for r in reports if r["current"].startswith("batch:")]
+    previous = (_read_state(store, f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json") or {}).get("ids", [])
+    store.put_json(f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json", {"ids": sorted({*previous, *checked})})
+    return verdict
 
 
 def _safe(run_id: str) -> str:

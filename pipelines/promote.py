@@ -426,6 +426,13 @@ def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings |
     if unranked:
         raise PromotionError(f"runs without val_macro_f1 cannot be ranked: {', '.join(unranked)}")
     ranked = sorted(runs, key=lambda r: r.metrics["val_macro_f1"], reverse=True)
+    ranking = [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked]
+    task = next(iter(tasks))
+    champion = registry.aliases(task).get("champion")
+    champion_run = registry.version(task, champion).run_id if champion is not None else None
+    if champion_run in {r.run_id for r in runs}:  # a rerun after this selection already promoted one
+        return {"task": task, "promoted": True, "selected_run_id": champion_run, "version": int(champion),
+                "ranking": ranking, "results": [], "note": f"run {champion_run} is already @champion"}  # fmt: skip
     results = []
     for run in ranked:
         result = _promote_one(
@@ -439,11 +446,11 @@ def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings |
             break
     chosen = next((r for r in results if r["passed"]), None)
     return {
-        "task": tasks.pop(),
+        "task": task,
         "promoted": bool(chosen and chosen["promoted"]),
         "selected_run_id": chosen["run_id"] if chosen else None,
         "version": chosen["version"] if chosen else None,
-        "ranking": [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked],
+        "ranking": ranking,
         "results": results,
     }
 

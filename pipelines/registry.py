@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.errors import LeukopsError
 from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
 
 ALIASES = ("champion", "previous", "challenger")
 MODEL_ARTIFACT_PATH = "model"
@@ -263,7 +266,10 @@ class Registry:
         except Exception as err:
             restored = self._restore(task, before)
             raise RegistryError(f"moving aliases of {name} failed ({err}); {restored}") from err
-        self._write_audit(task, before, after, audit)
+        try:  # the aliases have moved and been verified: a failed audit tag must not report a failed move
+            self._write_audit(task, before, after, audit)
+        except Exception as err:  # noqa: BLE001 - logged; the move itself stands
+            log.warning("aliases of %s moved to %s, but the audit tag was not written: %s", name, after, err)
         return after
 
     def _require_ready(self, task: str, version: str) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from pipelines.errors import LeukopsError
 
@@ -153,7 +153,8 @@ class ObjectStore:
                     raise ObjectMissingError(f"{what} {self._where(key)}: no such object") from err
                 if err.code not in TRANSIENT_ERROR_CODES or attempt == self.retries:
                     raise StorageError(f"{what} {self._where(key)} failed: {err.code}: {err.message}") from err
-            except (urllib3.exceptions.HTTPError, OSError) as err:
+            except (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, OSError) as err:
+                # 5xx without an S3 error body (a proxy's 502/503, a HEAD that failed): transient
                 if attempt == self.retries:
                     raise StorageError(
                         f"{what} {self._where(key)} failed after {attempt + 1} tries: {err}"

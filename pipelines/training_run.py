@@ -224,7 +224,7 @@ def train_prepared(settings: Settings, run: PreparedRun) -> dict[str, Any]:
         tracker.log_metrics(_fit_metrics(result, run))
         tracker.set_tags({"stop_reason": result.stop_reason})
         bundle = ModelBundle.for_backbone(run.spec.task, run.classes, run.backbone, run.preprocessing)
-        model_uri = tracker.log_model(bundle, result.best_state, run.loaders["test"].dataset.paths[0].read_bytes())
+        model_uri = tracker.log_model(bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
     checkpoint.unlink(missing_ok=True)  # the run holds the model now; a rerun trains afresh
     return {
         "run_id": tracker.run_id,
@@ -287,8 +287,11 @@ def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
     for name, value in (("epochs", config.epochs), ("batch_size", spec.batch_size)):
         if value < 1:
             raise TrainingInputError(f"{name} must be >= 1, got {value}")
-    if spec.max_images is not None and spec.max_images < 3:
-        raise TrainingInputError(f"--max-images must be >= 3 (one per split), got {spec.max_images}")
+    cells = 3 * len(get_task(spec.task).classes)
+    if spec.max_images is not None and spec.max_images < cells:
+        raise TrainingInputError(
+            f"--max-images must be >= {cells} (one image per split and class of {spec.task}), got {spec.max_images}"
+        )
     if config.time_budget_min is not None and config.time_budget_min <= 0:
         raise TrainingInputError(f"--time-budget-min must be > 0, got {config.time_budget_min}")
     if spec.device and spec.device.startswith("cuda") and not torch.cuda.is_available():
@@ -305,7 +308,8 @@ def _model_uri(settings: Settings, model: str, task: str) -> str:
 
 def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task: str | None = None) -> dict:
     """External validation: ``model`` (an alias of the task's registered model, or a run id) on every accepted
-    image of ``source_name`` whose label is a class of the model's task."""
+    image of ``source_name`` whose label is a class of the model's task, minus the images of the model's
+    own train/val splits (counted in ``excluded_seen_in_training``)."""
     from pipelines.evaluate import evaluate_model
     from pipelines.ingest import accepted_rows
     from pipelines.sources import load_source
@@ -322,7 +326,9 @@ def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task
         )
     store = ObjectStore.from_settings(settings)
     rows = accepted_rows(store, source_name).drop_duplicates("sha256")
-    usable = rows[rows["label"].isin(loaded.classes)]
+    seen = _seen_in_training(settings, store, loaded)
+    unseen = rows[~rows["sha256"].isin(seen)]  # images the model learned from or was selected on
+    usable = unseen[unseen["label"].isin(loaded.classes)]
     if usable.empty:
         raise TrainingInputError(
             f"source {source_name!r} has no accepted images labelled with a class of {loaded.task!r} "
@@ -340,6 +346,19 @@ def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task
         "ece": result.ece,
         "per_class": {name: asdict(scores) for name, scores in result.per_class.items()},
         "n": result.n,
-        "n_other_labels": int(len(rows) - len(usable)),
+        "n_other_labels": int(len(unseen) - len(usable)),
+        "excluded_seen_in_training": int(len(rows) - len(unseen)),
         "absent_classes": list(result.absent_classes),
     }
+
+
+def _seen_in_training(settings: Settings, store, loaded) -> set[str]:
+    """sha256 of the train and val images of the snapshot the model was trained on (none if unknown)."""
+    from pipelines.snapshot import load_snapshot
+    from pipelines.tracking import run_tags
+
+    version = run_tags(settings, loaded.run_id).get("dataset_version") if loaded.run_id else None
+    if not version:
+        return set()
+    frame = load_snapshot(store, loaded.task, version).frame
+    return set(frame.loc[frame["split"].isin(["train", "val"]), "sha256"])

@@ -14,6 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from pipelines.localization import LocalizationInputError
+from pipelines.preprocess import PreprocessError
+from pipelines.segmentation import SegmentationError
 from pipelines.settings import Settings, get_settings
 from pipelines.tasks import get_task
 from serving.deps import Services
@@ -76,6 +79,8 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_exception_handler(ModelUnavailableError, _unavailable)
+    for image_error in (PreprocessError, SegmentationError, LocalizationInputError):
+        app.add_exception_handler(image_error, _unprocessable)
     app.include_router(probes)
     app.include_router(v1)
     return app
@@ -83,4 +88,9 @@ def create_app(
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
+
+async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:
+    """An image that decodes but that preprocessing or the explanation cannot use: the client's input."""
+    return JSONResponse({"detail": str(exc)}, status_code=422)
 

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from pipelines.imagefacts import DecodedImage, ImageDecodeError, decode_image
@@ -23,6 +24,7 @@ from serving.model import BatchPredictor, ModelHolder
 from serving.requestlog import RequestLog
 
 UPLOAD_FIELD = "file"
+MIN_IMAGE_SIDE = 16  # smaller cannot hold a cell, and preprocessing / segmentation refuse it
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
 DECODE_STATUS = {
     "empty": 400,
@@ -115,10 +117,13 @@ async def image_upload(request: Request, services: ServicesDep) -> Upload:
     name = upload.filename or "upload"
     if len(data) > max_bytes:
         raise HTTPException(413, f"{name}: {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    try:
-        image = decode_image(data, services.settings.max_pixels)
+    try:  # decoding a large image takes long: keep it off the event loop (health probes stay live)
+        image = await run_in_threadpool(decode_image, data, services.settings.max_pixels)
     except ImageDecodeError as err:
         raise HTTPException(DECODE_STATUS.get(err.reason, 422), f"{name}: {err}") from err
+    height, width = image.rgb.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise HTTPException(422, f"{name}: {width}x{height} px is too small (min {MIN_IMAGE_SIDE} px a side)")
     return Upload(image, data, upload.filename)
 
 

@@ -1,7 +1,8 @@
 """Grad-CAM for one served request: the heatmap on the input image, its PNG overlay and localization figures.
 
 The map is computed by ``pipelines.explain.gradcam`` on the model's own preprocessing of the image, then
-mapped back onto the input's pixel grid, so the overlay has the input's size and the localization
+mapped back onto the input's pixel grid (downscaled to at most 1024 px a side), so the overlay matches the
+input image and the localization
 figures (nucleus and artefact masses, from the same functions the promotion gate's figures come from)
 refer to the image the client sent.
 """
@@ -19,6 +20,8 @@ from pipelines.localization import flat_metrics, localization_report
 from pipelines.preprocess import DEFAULT_ROI_THRESHOLD, roi_crop
 from pipelines.segmentation import foreground_mask, nucleus_mask
 from serving.model import ServedModel
+
+EXPLAIN_MAX_SIDE = 1024  # overlays of larger uploads are returned downscaled (width/height say to what)
 
 
 def roi_box(rgb: np.ndarray, preprocessing: dict) -> tuple[int, int, int, int]:
@@ -64,13 +67,25 @@ def explain_image(served: ServedModel, rgb: np.ndarray, class_index: int) -> dic
     batch = model.batch([rgb])
     with served.lock:
         heat = gradcam(model, model.gradcam_layer, batch, target=class_index)[0]
-    height, width = rgb.shape[:2]
     on_input = heatmap_on_input(heat, rgb, model.preprocessing)
+    view, on_view = _bounded(rgb), _bounded(on_input)
     return {
         "method": "gradcam",
         "target_class": model.classes[class_index],
-        "overlay_png_base64": png_base64(heat_overlay(rgb, on_input)),
-        "width": width,
-        "height": height,
-        "localization": localization_figures(rgb, on_input),
+        "overlay_png_base64": png_base64(heat_overlay(view, on_view)),
+        "width": view.shape[1],
+        "height": view.shape[0],
+        "input_width": rgb.shape[1],
+        "input_height": rgb.shape[0],
+        "localization": localization_figures(view, on_view),
     }
+
+
+def _bounded(image: np.ndarray) -> np.ndarray:
+    """The image at most EXPLAIN_MAX_SIDE px a side: overlays and masks of a 40 MP upload would take GBs
+    (the heatmap itself is only as fine as the model's feature map)."""
+    scale = EXPLAIN_MAX_SIDE / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)

@@ -294,6 +294,11 @@ class BatchPredictor:
         return jobs
 
     def _predict(self, jobs: list[_Job]) -> None:
+        # A request cancelled while queued (client gone, shutdown timeout) has a cancelled future:
+        # drop it here, since setting a result on it would raise and kill this thread.
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
         try:
             batch = torch.stack([job.tensor for job in jobs])
             proba, embeddings = forward(jobs[0].served, batch, self.with_embeddings)

@@ -244,6 +244,9 @@ def test_selection_ranks_by_validation_f1_and_keeps_every_gate_result(runs, fres
     assert [r["passed"] for r in result["results"]] == [False, True], "stops at the first that passes"
     assert result["selected_run_id"] == runs["better"] and result["promoted"]
     assert _aliases(fresh)["champion"] == str(result["version"])
+    rerun = select_and_promote(ids, "nightly selection (Airflow retry)", fresh)
+    assert rerun["promoted"] and rerun["version"] == result["version"] and rerun["results"] == []
+    assert _aliases(fresh)["champion"] == str(result["version"])
 
 
 def test_sign_off_keeps_a_passing_candidate_as_challenger_until_approved(runs, fresh):

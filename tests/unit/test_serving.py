@@ -160,6 +160,7 @@ def test_missing_or_wrong_token_is_refused_with_401(client, smear) -> None:
         ("notes.txt", b"this is not an image, it is a note", 415, "not_an_image"),
         ("corrupt.jpg", _jpeg(np.full((64, 64, 3), 90, np.uint8))[:200] + b"\x13" * 2000, 422, "decoded"),
         ("huge.png", _png(np.zeros((1500, 1500, 3), np.uint8)), 413, "too_many_pixels"),
+        ("sliver.png", _png(np.full((1, 300, 3), 200, np.uint8)), 422, "too small"),
     ],
 )
 def test_bad_images_get_a_4xx_naming_the_reason(client, name, payload, status, words) -> None:
