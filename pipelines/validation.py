@@ -68,11 +68,19 @@ def load_suite(settings: Settings, name: str = "image_batch") -> Suite:
     return Suite(spec.get("name", name), str(meta["version"]), float(meta.get("max_rejected_share", 0.5)), spec, path)
 
 
+_preload_lock = threading.Lock()
+_preloads: list[threading.Thread] = []
+
+
 def preload_gx() -> threading.Thread:
-    """Import great_expectations in the background (seconds of work); a later import waits for it."""
-    thread = threading.Thread(target=importlib.import_module, args=("great_expectations",), daemon=True)
-    thread.start()
-    return thread
+    """Import great_expectations in the background (seconds of work), once per process; a later import
+    waits for it. Cheap to call again (ingest calls it for every new file it finds)."""
+    with _preload_lock:
+        if not _preloads:
+            thread = threading.Thread(target=importlib.import_module, args=("great_expectations",), daemon=True)
+            thread.start()
+            _preloads.append(thread)
+        return _preloads[0]
 
 
 def _gx_suite(suite: Suite):
@@ -146,7 +154,14 @@ def _message(template: str, row: dict[str, Any]) -> str:
 
 def row_reasons(frame: pd.DataFrame, gx_result) -> tuple[dict[int, list[tuple[str, str]]], list[str]]:
     """(row → [(reason, message)] in suite order, batch-level failures) from a GX validation result."""
-    rows = frame.set_index("row", drop=False).to_dict("index")
+    indexed = frame.set_index("row", drop=False)
+    rows: dict[int, dict[str, Any]] = {}  # only failing rows are turned into dicts: a batch is mostly good
+
+    def row_of(number: int) -> dict[str, Any]:
+        if number not in rows:
+            rows[number] = indexed.loc[number].to_dict()
+        return rows[number]
+
     per_row: dict[int, list[tuple[str, str]]] = {}
     batch_failures = []
     for item in gx_result.results:
@@ -161,7 +176,7 @@ def row_reasons(frame: pd.DataFrame, gx_result) -> tuple[dict[int, list[tuple[st
             batch_failures.append(f"{meta.get('reason', config.type)}: {meta.get('message', config.type)}")
             continue
         for hit in item.result.get("unexpected_index_list") or []:
-            row = rows[int(hit["row"])]
+            row = row_of(int(hit["row"]))
             reason = str(row[meta["reason_column"]]) if "reason_column" in meta else meta.get("reason", config.type)
             per_row.setdefault(int(hit["row"]), []).append((reason, _message(meta.get("message", ""), row)))
     return per_row, batch_failures

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.ingest import accepted_rows
+from pipelines.ingest import accepted_rows, ingest_source
 from pipelines.snapshot import load_snapshot
+from pipelines.sources import Source, default_label_map
 from pipelines.storage import ObjectStore, StorageError
 
 pytestmark = pytest.mark.usefixtures("stack")
@@ -142,6 +143,28 @@ def test_all_bad_batch_is_quarantined_kept_and_releasable(
     assert entry["status"] == "released" and entry["release"]["reason"] == "lab confirmed: test files"
     assert main(["quarantine", "release", out["batch_id"], "--reason", "again"]) == 2
     assert "already released" in capsys.readouterr().err
+
+
+def test_files_beyond_the_memory_budget_are_reread_verified_and_stored(
+    settings, store: ObjectStore, shared_data: Path, bad_inputs: dict[str, bytes], tmp_path: Path
+) -> None:
+    """keep_bytes=0: no file's bytes stay in memory after the scan, so every upload re-reads its file."""
+    pro = sorted((shared_data / "all_taleqani" / "Pro").iterdir())[500:503]
+    (tmp_path / "Pro").mkdir()
+    for f in pro:
+        shutil.copyfile(f, tmp_path / "Pro" / f.name)
+    shutil.copyfile(pro[0], tmp_path / "Pro" / "zz-copy.jpg")
+    (tmp_path / "Pro" / "truncated.jpg").write_bytes(bad_inputs["truncated.jpg"])
+    source = Source("tq-spill", str(tmp_path), "folders", default_label_map([TASK]), (TASK,))
+    raw_before = set(store.list("raw/"))
+    report = ingest_source(source, settings, store, run_date="2026-01-03", keep_bytes=0)
+    assert report.status == "accepted" and report.accepted == 3
+    assert report.new_objects == len(set(store.list("raw/")) - raw_before) > 0
+    assert {r["reason"] for r in report.rejections} == {"duplicate", "truncated"}
+    manifest = store.get_parquet(store.key_from_uri(report.manifest)).set_index("path")
+    for f in pro:
+        assert store.get_bytes(manifest.loc[f"Pro/{f.name}", "key"]) == f.read_bytes()
+    assert store.get_bytes(manifest.loc["Pro/truncated.jpg", "key"]) == bad_inputs["truncated.jpg"]
 
 
 def test_cross_source_duplicates_are_not_reuploaded_and_conflicts_name_both_labels(
