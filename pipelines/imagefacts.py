@@ -112,6 +112,7 @@ def stain_optical_density(rgb: np.ndarray) -> np.ndarray:
 
 # Per-level lookup tables: facts reduce to per-channel histograms, which keeps them ~0.3 ms per image.
 _OD_OF_LEVEL = -np.log(np.clip(np.arange(256, dtype=np.float64), 1, 255) / 255.0)
+MIN_HUE_SATURATION = 20  # HSV saturation (0-255) below which a pixel has no usable hue
 _HUE_ANGLE = np.arange(180) * (2 * np.pi / 180.0)
 
 
@@ -127,6 +128,20 @@ def _laplacian_variance(grey: np.ndarray) -> float:
     return float(std * std)
 
 
+def _stain_hue(hsv: np.ndarray) -> float:
+    """Circular mean hue of the coloured pixels, in degrees within (-180, 180].
+
+    Grey plasma and white background (saturation < MIN_HUE_SATURATION) have no meaningful hue (OpenCV
+    calls it 0, red), so they are left out; the range is cut at cyan, far from every stain, so pinks just
+    below and just above red stay neighbours (-14 and 8, not 346 and 8) for drift tests.
+    """
+    coloured = cv2.inRange(hsv, (0, MIN_HUE_SATURATION, 0), (180, 255, 255))
+    hue_hist = cv2.calcHist([hsv], [0], coloured, [180], [0, 180]).ravel()  # hue is circular: histogram
+    if not hue_hist.any():
+        return 0.0
+    return float(np.degrees(np.arctan2(hue_hist @ np.sin(_HUE_ANGLE), hue_hist @ np.cos(_HUE_ANGLE))))
+
+
 def image_facts(rgb: np.ndarray, source_channels: int = 3, grey: np.ndarray | None = None) -> dict[str, float]:
     """Scalar facts about one RGB image (names in FACT_COLUMNS).
 
@@ -140,8 +155,7 @@ def image_facts(rgb: np.ndarray, source_channels: int = 3, grey: np.ndarray | No
     rgb_means = rgb_hist @ np.arange(256) / n
     mean_od = rgb_hist @ _OD_OF_LEVEL / n
     stains = mean_od @ _HE_INVERSE
-    hue_hist = cv2.calcHist([hsv], [0], None, [180], [0, 180]).ravel()  # hue is circular: needs its histogram
-    hue_mean = float(np.degrees(np.arctan2(hue_hist @ np.sin(_HUE_ANGLE), hue_hist @ np.cos(_HUE_ANGLE))) % 360)
+    hue_mean = _stain_hue(hsv)
     purple = cv2.countNonZero(cv2.inRange(hsv, (120, 40, 0), (165, 255, 255))) / n
     grey_mean, grey_std = cv2.meanStdDev(grey)
     return {

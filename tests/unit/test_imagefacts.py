@@ -85,3 +85,16 @@ def test_phash_survives_reencoding_and_resize_but_not_other_images(shared_data):
     assert hamming(perceptual_hash(original), perceptual_hash(reencoded)) <= 4
     assert hamming(perceptual_hash(original), perceptual_hash(resized)) <= 4
     assert hamming(perceptual_hash(original), perceptual_hash(other)) > 12
+
+
+def test_hue_ignores_white_background_and_keeps_pinks_either_side_of_red_close():
+    def flat(rgb, white_share=0.0):
+        image = np.zeros((64, 64, 3), np.uint8)
+        image[:] = rgb
+        image[: int(64 * white_share)] = 255
+        return image
+
+    pink = image_facts(flat((200, 60, 120)))["hue_mean"]
+    assert image_facts(flat((200, 60, 120), white_share=0.5))["hue_mean"] == pytest.approx(pink)
+    orange_red = image_facts(flat((200, 90, 60)))["hue_mean"]
+    assert -40 < pink < 0 < orange_red < 20  # neighbours across red, not 334 vs 12
