@@ -19,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from pipelines.errors import LeukopsError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# Plain raster formats only: Pillow's other openers (EPS via Ghostscript, PSD, FITS, ...) are not for smears.
+RASTER_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 FACT_COLUMNS = (
     "width",
     "height",
@@ -63,13 +65,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            probe = Image.open(io.BytesIO(data))
+            probe = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
             width, height = probe.size
             fmt = probe.format or "UNKNOWN"
             mode = probe.mode
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         if isinstance(err, UnidentifiedImageError):
-            raise ImageDecodeError("not_an_image", "not a recognised image format") from err
+            raise ImageDecodeError(
+                "not_an_image", f"not a recognised raster image ({', '.join(RASTER_FORMATS)})"
+            ) from err
         raise ImageDecodeError("too_many_pixels", str(err)) from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError("corrupt", f"unreadable header: {err}") from err
@@ -81,9 +85,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
             probe.load()  # PIL raises on truncated data, where OpenCV would return half-grey pixels
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError("truncated", f"pixel data could not be decoded: {err}") from err
-    channels = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4, "I;16": 1, "I": 1, "F": 1}
-    rgb = np.asarray(probe.convert("RGB"), dtype=np.uint8)
-    return DecodedImage(rgb=rgb, format=fmt, source_channels=channels.get(mode, len(probe.getbands())))
+    channels = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}
+    return DecodedImage(rgb=_to_rgb8(probe), format=fmt, source_channels=channels.get(mode, len(probe.getbands())))
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+    """RGB uint8 pixels. 16-bit greyscale (microscopy TIFF/PNG) is scaled to 8 bits, where PIL's
+    ``convert("RGB")`` would clip it to white; 32-bit integer and float images are refused."""
+    if image.mode.startswith("I;16"):
+        grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ("I", "F"):
+        raise ImageDecodeError("unsupported_mode", f"{image.mode!r} (32-bit integer/float) pixels are not supported")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def greyscale(rgb: np.ndarray) -> np.ndarray:

@@ -98,3 +98,23 @@ def test_hue_ignores_white_background_and_keeps_pinks_either_side_of_red_close()
     assert image_facts(flat((200, 60, 120), white_share=0.5))["hue_mean"] == pytest.approx(pink)
     orange_red = image_facts(flat((200, 90, 60)))["hue_mean"]
     assert -40 < pink < 0 < orange_red < 20  # neighbours across red, not 334 vs 12
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped_and_float_images_are_refused():
+    sixteen = np.full((32, 32), 40000, np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(sixteen).save(buffer, format="PNG")
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.rgb.shape == (32, 32, 3) and int(decoded.rgb[0, 0, 0]) == 40000 >> 8
+    floats = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(floats, format="TIFF")
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(floats.getvalue())
+    assert err.value.reason == "unsupported_mode"
+
+
+def test_non_raster_formats_are_not_opened():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(eps)
+    assert err.value.reason == "not_an_image"
