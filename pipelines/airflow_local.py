@@ -114,7 +114,8 @@ def dags_test(settings: Settings, dags_dir: Path, dag_id: str, conf: dict | None
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise AirflowRunError(f"`airflow dags test {dag_id}` created no DAG run; log {log}:\n{tail}")
     run_id = new[-1]
-    return DagRunResult(dag_id, run_id, _run_state(settings, dag_id, run_id), task_states(settings, dag_id, run_id), log)
+    state = _run_state(settings, dag_id, run_id)
+    return DagRunResult(dag_id, run_id, state, task_states(settings, dag_id, run_id), log)
 
 
 def _db(settings: Settings) -> sqlite3.Connection:

@@ -39,7 +39,8 @@ def _up(args: argparse.Namespace) -> Output:
 
 def _down(args: argparse.Namespace) -> Output:
     stopped = _stack().down()
-    text = "stopped " + ", ".join(f"{k} (pid {v})" for k, v in stopped.items()) if stopped else "nothing of ours was running"
+    listing = ", ".join(f"{name} (pid {pid})" for name, pid in stopped.items())
+    text = f"stopped {listing}" if stopped else "nothing of ours was running"
     return Output({"stopped": stopped}, text)
 
 
