@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 ALIASES = ("champion", "previous", "challenger")
 MODEL_ARTIFACT_PATH = "model"
 AUDIT_PREFIX = "audit."
+GATE_TAG_PREFIX = "gate."  # the promotion gate's version tags (pipelines.promote.version_tags)
 _RESTORE_ORDER = ("champion", "previous", "challenger")  # champion first: it is what serving reads
 
 
@@ -193,7 +194,9 @@ class Registry:
         name = self.model_name(task)
         self._ensure_model(task)
         existing = self.version_for_run(task, run.run_id)
-        if existing is not None:
+        if existing is not None:  # re-gated: the new gate's tags replace the old gate's (audit tags stay)
+            for stale in sorted(k for k in existing.tags if k.startswith(GATE_TAG_PREFIX) and k not in tags):
+                self.client.delete_model_version_tag(name, existing.version, stale)
             self.tag_version(task, existing.version, tags)
             self.client.update_model_version(name, existing.version, description=description)
             return self.version(task, existing.version)

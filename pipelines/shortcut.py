@@ -124,16 +124,26 @@ class ShortcutReport:
         return self.worst[2].flip_rate
 
     @property
+    def worst_f1(self) -> tuple[str, str, Effect]:
+        return max(
+            ((region, kind, eff) for region, by_kind in self.effects.items() for kind, eff in by_kind.items()),
+            key=lambda item: item[2].f1_drop,
+        )
+
+    @property
     def f1_drop(self) -> float:
-        return max(eff.f1_drop for by_kind in self.effects.values() for eff in by_kind.values())
+        return self.worst_f1[2].f1_drop
 
     def to_dict(self) -> dict:
         region, kind, _ = self.worst
+        f1_region, f1_kind, _ = self.worst_f1
         return {
             "flip_rate": self.flip_rate,
             "f1_drop": self.f1_drop,
             "worst_region": region,
             "worst_intervention": kind,
+            "f1_drop_region": f1_region,
+            "f1_drop_intervention": f1_kind,
             "n_images": self.n_images,
             "regions": {
                 name: {"area_share": self.area_shares[name]}

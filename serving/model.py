@@ -162,14 +162,15 @@ class ModelHolder:
         try:
             version = self.source.resolve()
         except Exception as err:  # noqa: BLE001 - a registry outage must not kill the poller
-            self._record_failure(None, f"cannot resolve the alias of {self.source.name}: {err}")
+            self._record_failure(self.status.failed_version, f"cannot resolve the alias of {self.source.name}: {err}")
             return False
         current = self._current
         if current is not None and current.version.version == version:
             self.status.last_error = self.status.failed_version = None
             return False
-        if version == self.status.failed_version:
-            return False  # already failed to load; wait for the alias to move again
+        if version == self.status.failed_version and current is not None:
+            return False  # already failed to load; the old model serves until the alias moves again
+        # with no model loaded at all, a failed version is retried on every poll (e.g. S3 was briefly down)
         try:
             served = self._load(version)
         except Exception as err:  # noqa: BLE001 - any load failure keeps the old model serving

@@ -44,8 +44,8 @@ def _human(data: dict) -> str:
             f" pointing game {num(cam['pointing_game'])}, artefact mass {num(cam['artefact_mass'])}"
             f" (enrichment {num(cam['artefact_enrichment'])})",
             f"LIME      {lime['n']} images, nucleus mass {num(lime['nucleus_mass'])}",
-            f"shortcut  flip rate {num(cut['flip_rate'])}, macro-F1 drop {num(cut['f1_drop'])}"
-            f" (worst: {cut['worst_region']} {cut['worst_intervention']})",
+            f"shortcut  flip rate {num(cut['flip_rate'])} ({cut['worst_region']} {cut['worst_intervention']}), "
+            f"macro-F1 drop {num(cut['f1_drop'])} ({cut['f1_drop_region']} {cut['f1_drop_intervention']})",
             "logged: " + ", ".join(data["artifacts"]),
         ]
     )
