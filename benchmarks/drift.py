@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import ks_2samp
 
-from pipelines.drift import compare, fact_features
-from pipelines.imagefacts import FACT_COLUMNS, decode_image, image_facts
-from pipelines.settings import DriftThresholds
+from pipelines.monitor.drift import compare, fact_features
+from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, image_facts
+from pipelines.core.settings import DriftThresholds
 
 PBC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc"
 

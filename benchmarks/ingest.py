@@ -21,11 +21,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipelines.ingest import ingest_source
-from pipelines.localstack import LocalStack, port_is_free, seaweed_ports
-from pipelines.settings import Settings
-from pipelines.sources import Source, default_label_map, load_source, save_source
-from pipelines.storage import ObjectStore
+from pipelines.data.ingest import ingest_source
+from pipelines.devstack.localstack import LocalStack, port_is_free, seaweed_ports
+from pipelines.core.settings import Settings
+from pipelines.data.sources import Source, default_label_map, load_source, save_source
+from pipelines.io.storage import ObjectStore
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"
 

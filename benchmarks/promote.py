@@ -1,7 +1,7 @@
 """Promotion cost vs a bare MLflow "register + set @champion", on the same runs and the same MLflow server.
 
 Starts a private local stack (SeaweedFS S3 + MLflow, temp state dir, free ports), logs ``--runs`` real
-leukops models (custom_cnn, random init, 32 px) through ``pipelines.tracking`` with rising test F1, then:
+leukops models (custom_cnn, random init, 32 px) through ``pipelines.io.tracking`` with rising test F1, then:
 
 1. baseline: ``mlflow.register_model`` + ``set_registered_model_alias(champion)`` per run (what a plain
    MLflow script does: no gate, no report, no safety);
@@ -30,10 +30,10 @@ from mlflow import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import free_ports  # noqa: E402 - the benchmarks share one free-port finder
 
-from pipelines.localstack import LocalStack  # noqa: E402
-from pipelines.promote import promote_run, rollback  # noqa: E402
-from pipelines.registry import Registry  # noqa: E402
-from pipelines.settings import Settings  # noqa: E402
+from pipelines.devstack.localstack import LocalStack  # noqa: E402
+from pipelines.trust.promote import promote_run, rollback  # noqa: E402
+from pipelines.io.registry import Registry  # noqa: E402
+from pipelines.core.settings import Settings  # noqa: E402
 
 TASK = "binary_all"
 
@@ -42,9 +42,9 @@ def log_runs(settings: Settings, count: int) -> list[str]:
     import cv2
     import numpy as np
 
-    from pipelines.backbones import create_backbone
-    from pipelines.preprocess import preprocessing_from
-    from pipelines.tracking import ModelBundle, TrainingTracker
+    from pipelines.model.backbones import create_backbone
+    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.io.tracking import ModelBundle, TrainingTracker
 
     image = cv2.imencode(".png", np.full((32, 32, 3), 200, np.uint8))[1].tobytes()
     run_ids = []

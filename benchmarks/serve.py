@@ -1,7 +1,7 @@
 """Serving benchmark: leukops serving vs `mlflow models serve` on the same registered MobileNetV2.
 
 Starts a private local stack (SeaweedFS S3 + MLflow, temp state dir, free ports), logs a MobileNetV2
-(random init; weights do not change the cost of a forward pass) at 224 px through ``pipelines.tracking``,
+(random init; weights do not change the cost of a forward pass) at 224 px through ``pipelines.io.tracking``,
 registers it as ``@champion``, then serves it twice, one server at a time so they never share the CPU:
 
 1. ``leukops serve`` (FastAPI + uvicorn, micro-batching, request log to S3 on), multipart JPEG uploads;
@@ -62,7 +62,7 @@ class LoadResult:
 
 
 def free_port() -> int:
-    from pipelines.localstack import port_is_free
+    from pipelines.devstack.localstack import port_is_free
 
     rng = random.Random()
     for _ in range(200):
@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 def stack_env(state_dir: Path) -> dict[str, str]:
-    from pipelines.localstack import port_is_free, seaweed_ports
+    from pipelines.devstack.localstack import port_is_free, seaweed_ports
 
     rng = random.Random()
     for _ in range(200):
@@ -155,11 +155,11 @@ def sample_images(n: int) -> list[bytes]:
 
 def log_champion(settings, image_size: int, example: bytes) -> tuple[str, str]:
     """A MobileNetV2 logged as the canonical model and made ``@champion``; returns (version, run_id)."""
-    from pipelines.backbones import create_backbone
-    from pipelines.preprocess import preprocessing_from
-    from pipelines.registry import Registry
-    from pipelines.tasks import get_task
-    from pipelines.tracking import ModelBundle, TrainingTracker
+    from pipelines.model.backbones import create_backbone
+    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.io.registry import Registry
+    from pipelines.core.taxonomy import get_task
+    from pipelines.io.tracking import ModelBundle, TrainingTracker
 
     classes = get_task(TASK).classes
     backbone = create_backbone("mobilenetv2_100", len(classes), pretrained=False, image_size=image_size)
@@ -207,8 +207,8 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="leukops-bench-serve-"))
     env = {**os.environ, **stack_env(state), "LEUKOPS_SERVE_TASK": TASK, "LEUKOPS_RELOAD_INTERVAL_S": "3600"}
     os.environ.update(env)
-    from pipelines.localstack import LocalStack
-    from pipelines.settings import get_settings
+    from pipelines.devstack.localstack import LocalStack
+    from pipelines.core.settings import get_settings
 
     get_settings.cache_clear()
     settings = get_settings()

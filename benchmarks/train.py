@@ -1,7 +1,7 @@
 """Training benchmark on the full shared all_taleqani set: test macro-F1 and the loop's throughput ratio.
 
 For each candidate — pretrained EfficientNet-Lite0 (two-stage fine-tuning) and random-init MobileNetV2 —
-it (1) trains with ``pipelines.train.fit`` under a wall-clock budget and reports val/test macro-F1 of
+it (1) trains with ``pipelines.model.train.fit`` under a wall-clock budget and reports val/test macro-F1 of
 the val-selected checkpoint on a held-out test split, and (2) measures training throughput of ``fit``
 against a plain PyTorch loop (AdamW, cross-entropy, constant LR) on the same module, batch size and
 DataLoader, alternating plain/ours ``--repeats`` times and keeping each one's best (the CPU is shared).
@@ -26,14 +26,14 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from pipelines.backbones import create_backbone
-from pipelines.datasets import ImageFileDataset, label_indices, make_loader, split_rows
-from pipelines.evaluate import evaluate_predictions
-from pipelines.preprocess import build_transform, preprocessing_from
-from pipelines.snapshot import hash_split
-from pipelines.tasks import get_task
-from pipelines.train import Stage, TrainConfig, fit, pick_device, predict_proba, seed_everything
-from pipelines.training_run import stages_for
+from pipelines.model.backbones import create_backbone
+from pipelines.data.datasets import ImageFileDataset, label_indices, make_loader, split_rows
+from pipelines.model.evaluate import evaluate_predictions
+from pipelines.model.preprocess import build_transform, preprocessing_from
+from pipelines.data.snapshot import hash_split
+from pipelines.core.taxonomy import get_task
+from pipelines.model.train import Stage, TrainConfig, fit, pick_device, predict_proba, seed_everything
+from pipelines.model.candidate import stages_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"
 CLASSES = get_task("all_subtypes").classes

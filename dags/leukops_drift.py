@@ -13,8 +13,8 @@ import pendulum
 from airflow.sdk import CronTriggerTimetable, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipelines.assets import RETRAIN_REQUEST
-from pipelines.settings import get_settings
+from pipelines.orchestration.assets import RETRAIN_REQUEST
+from pipelines.core.settings import get_settings
 
 SETTINGS = get_settings()
 
@@ -30,14 +30,14 @@ SETTINGS = get_settings()
 def leukops_drift():
     @task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
     def check_drift(task_name: str) -> dict:
-        from pipelines.flows import check_drift
+        from pipelines.orchestration.airflow_tasks import check_drift
 
         context = get_current_context()
         return check_drift(task_name, context["run_id"], context["logical_date"] or context["run_after"])
 
     @task(retries=0, outlets=[RETRAIN_REQUEST])
     def request_retrain(verdicts: list[dict]) -> dict:
-        from pipelines.flows import retrain_decision
+        from pipelines.orchestration.airflow_tasks import retrain_decision
 
         decision = retrain_decision(list(verdicts))
         if decision["action"] == "alert":

@@ -12,8 +12,8 @@ import pendulum
 from airflow.sdk import CronTriggerTimetable, Param, PokeReturnValue, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipelines.assets import ACCEPTED_IMAGES
-from pipelines.settings import get_settings
+from pipelines.orchestration.assets import ACCEPTED_IMAGES
+from pipelines.core.settings import get_settings
 
 SCHEDULES = get_settings().schedules
 
@@ -30,13 +30,13 @@ SCHEDULES = get_settings().schedules
 def leukops_ingest():
     @task
     def sources_to_poll() -> list[str]:
-        from pipelines.flows import sources_to_poll
+        from pipelines.orchestration.airflow_tasks import sources_to_poll
 
         return sources_to_poll(get_current_context()["params"]["source"])
 
     @task.sensor(poke_interval=60, timeout=timedelta(minutes=20), mode="reschedule", soft_fail=True)
     def new_files(source: str) -> PokeReturnValue:
-        from pipelines.flows import pending_files
+        from pipelines.orchestration.airflow_tasks import pending_files
 
         return PokeReturnValue(is_done=pending_files(source) > 0, xcom_value=source)
 
@@ -44,7 +44,7 @@ def leukops_ingest():
     # other sources have already published.
     @task(retries=3, retry_delay=timedelta(seconds=20), retry_exponential_backoff=True, max_active_tis_per_dagrun=1)
     def ingest_and_validate(source: str) -> dict:
-        from pipelines.flows import ingest
+        from pipelines.orchestration.airflow_tasks import ingest
 
         context = get_current_context()
         run_date = (context["logical_date"] or context["run_after"]).date().isoformat()
@@ -53,7 +53,7 @@ def leukops_ingest():
     @task(retries=0, outlets=[ACCEPTED_IMAGES])
     def publish_accepted(report: dict) -> dict:
         """Deterministic verdict: a quarantined batch fails here (no retry), nothing new is a skip."""
-        from pipelines.flows import ingest_verdict
+        from pipelines.orchestration.airflow_tasks import ingest_verdict
 
         verdict = ingest_verdict(report)
         if verdict["action"] == "quarantined":

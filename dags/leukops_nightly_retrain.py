@@ -12,8 +12,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from pipelines.assets import RETRAIN_REQUEST
-from pipelines.settings import get_settings
+from pipelines.orchestration.assets import RETRAIN_REQUEST
+from pipelines.core.settings import get_settings
 
 RETRAIN = get_settings().retrain
 GPU_POOL = "gpu"
@@ -36,32 +36,32 @@ GPU_POOL = "gpu"
 def leukops_nightly_retrain():
     @task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
     def snapshot() -> list[dict]:
-        from pipelines.flows import snapshot_tasks
+        from pipelines.orchestration.airflow_tasks import snapshot_tasks
 
         return snapshot_tasks()
 
     @task
     def plan(snapshots: list[dict]) -> list[dict]:
-        from pipelines.flows import plan_candidates
+        from pipelines.orchestration.airflow_tasks import plan_candidates
 
         context = get_current_context()
         return plan_candidates(snapshots, context["run_id"], **context["params"])
 
     @task(queue="gpu", pool=GPU_POOL, retries=1, retry_delay=timedelta(minutes=2))
     def train(candidate: dict) -> dict:
-        from pipelines.flows import train
+        from pipelines.orchestration.airflow_tasks import train
 
         return train(candidate)
 
     @task(retries=2, retry_delay=timedelta(seconds=30))
     def explain(trained: dict) -> dict:
-        from pipelines.flows import explain
+        from pipelines.orchestration.airflow_tasks import explain
 
         return explain(trained)
 
     @task(retries=2, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
     def gate_and_promote(candidates: list[dict]) -> dict:
-        from pipelines.flows import gate_and_promote
+        from pipelines.orchestration.airflow_tasks import gate_and_promote
 
         return gate_and_promote(list(candidates), get_current_context()["run_id"])
 

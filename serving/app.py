@@ -14,11 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from pipelines.localization import LocalizationInputError
-from pipelines.preprocess import PreprocessError
-from pipelines.segmentation import SegmentationError
-from pipelines.settings import Settings, get_settings
-from pipelines.tasks import get_task
+from pipelines.trust.localization import LocalizationInputError
+from pipelines.model.preprocess import PreprocessError
+from pipelines.trust.segmentation import SegmentationError
+from pipelines.core.settings import Settings, get_settings
+from pipelines.core.taxonomy import get_task
 from serving.deps import Services
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.model import BatchPredictor, ModelHolder, ModelSource, ModelUnavailableError, RegistrySource
@@ -27,7 +27,7 @@ from serving.routes import probes, v1
 
 
 def _request_log(settings: Settings) -> RequestLog:
-    from pipelines.storage import ObjectStore
+    from pipelines.io.storage import ObjectStore
 
     return RequestLog(
         ObjectStore.from_settings(settings),

@@ -17,8 +17,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from pipelines.imagefacts import DecodedImage, ImageDecodeError, decode_image
-from pipelines.settings import Settings
+from pipelines.data.imagefacts import DecodedImage, ImageDecodeError, decode_image
+from pipelines.core.settings import Settings
 from serving.metrics import ServingMetrics
 from serving.model import BatchPredictor, ModelHolder
 from serving.requestlog import RequestLog

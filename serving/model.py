@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from pipelines.errors import LeukopsError
+from pipelines.core.errors import LeukopsError
 
 if TYPE_CHECKING:
-    from pipelines.settings import Settings
-    from pipelines.tracking import LoadedModel
+    from pipelines.core.settings import Settings
+    from pipelines.io.tracking import LoadedModel
 
 log = logging.getLogger("leukops.serving")
 
@@ -67,7 +67,7 @@ class RegistrySource:
     """
 
     def __init__(self, settings: Settings, task: str | None = None, alias: str = "champion") -> None:
-        from pipelines.registry import Registry
+        from pipelines.io.registry import Registry
 
         self.task = task or settings.serve_task
         self.name = settings.registered_model_name(self.task)
@@ -90,7 +90,7 @@ class RegistrySource:
         The run's model is what the version was registered from; reading it by run id does not depend
         on how the registry recorded the version's source (a run-artifact path or a logged-model id).
         """
-        from pipelines.tracking import load_model
+        from pipelines.io.tracking import load_model
 
         run_id = self.describe(version).run_id
         return load_model(f"runs:/{run_id}/model" if run_id else f"models:/{self.name}/{version}")

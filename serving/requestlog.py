@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 
-from pipelines.imagefacts import FACT_COLUMNS, image_facts
-from pipelines.storage import ObjectStore, sha256_hex
+from pipelines.data.imagefacts import FACT_COLUMNS, image_facts
+from pipelines.io.storage import ObjectStore, sha256_hex
 
 log = logging.getLogger("leukops.serving.requestlog")
 

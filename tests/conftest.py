@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.localstack import LocalStack, port_is_free, seaweed_ports
-from pipelines.settings import Settings, get_settings
-from pipelines.storage import ObjectStore
+from pipelines.devstack.localstack import LocalStack, port_is_free, seaweed_ports
+from pipelines.core.settings import Settings, get_settings
+from pipelines.io.storage import ObjectStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()

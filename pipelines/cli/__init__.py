@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.errors import LeukopsError
+from pipelines.core.errors import LeukopsError
 
 COMMAND_MODULES = ("stack", "orchestration", "images", "serve", "models", "data", "drift", "train", "explain")
 

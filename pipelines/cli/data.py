@@ -49,15 +49,15 @@ def _today(value: str | None) -> str:
 
 
 def _store():
-    from pipelines.settings import get_settings
-    from pipelines.storage import ObjectStore
+    from pipelines.core.settings import get_settings
+    from pipelines.io.storage import ObjectStore
 
     settings = get_settings()
     return settings, ObjectStore.from_settings(settings)
 
 
 def _label_map(pairs: list[str] | None, tasks: list[str]) -> dict[str, str]:
-    from pipelines.sources import SourceError, default_label_map
+    from pipelines.data.sources import SourceError, default_label_map
 
     if not pairs:
         return default_label_map(tasks)
@@ -68,8 +68,8 @@ def _label_map(pairs: list[str] | None, tasks: list[str]) -> dict[str, str]:
 
 
 def _source_add(args: argparse.Namespace) -> Output:
-    from pipelines.settings import get_settings
-    from pipelines.sources import Source, save_source
+    from pipelines.core.settings import get_settings
+    from pipelines.data.sources import Source, save_source
 
     location = args.path if args.path.startswith("s3://") else str(Path(args.path).expanduser().resolve())
     source = Source(
@@ -82,8 +82,8 @@ def _source_add(args: argparse.Namespace) -> Output:
 
 
 def _source_list(args: argparse.Namespace) -> Output:
-    from pipelines.settings import get_settings
-    from pipelines.sources import list_sources
+    from pipelines.core.settings import get_settings
+    from pipelines.data.sources import list_sources
 
     sources = list_sources(get_settings())
     rows = [
@@ -96,8 +96,8 @@ def _source_list(args: argparse.Namespace) -> Output:
 
 
 def _ingest(args: argparse.Namespace) -> Output:
-    from pipelines.ingest import ingest_source
-    from pipelines.sources import load_source
+    from pipelines.data.ingest import ingest_source
+    from pipelines.data.sources import load_source
 
     settings, store = _store()
     report = ingest_source(
@@ -112,7 +112,7 @@ def _ingest(args: argparse.Namespace) -> Output:
 
 
 def _quarantine_list(args: argparse.Namespace) -> Output:
-    from pipelines.ingest import quarantined_batches
+    from pipelines.data.ingest import quarantined_batches
 
     _, store = _store()
     batches = quarantined_batches(store)
@@ -123,7 +123,7 @@ def _quarantine_list(args: argparse.Namespace) -> Output:
 def _release(args: argparse.Namespace) -> Output:
     import getpass
 
-    from pipelines.ingest import release_batch
+    from pipelines.data.ingest import release_batch
 
     settings, store = _store()
     result = release_batch(
@@ -138,7 +138,7 @@ def _release(args: argparse.Namespace) -> Output:
 
 
 def _snapshot(args: argparse.Namespace) -> Output:
-    from pipelines.snapshot import snapshot_summary, take_snapshot
+    from pipelines.data.snapshot import snapshot_summary, take_snapshot
 
     settings, store = _store()
     result = take_snapshot(store, settings, args.task)

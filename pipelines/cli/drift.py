@@ -49,9 +49,9 @@ def _human(data: dict) -> str:
 
 
 def _drift(args: argparse.Namespace) -> Output:
-    from pipelines.drift import monitor
-    from pipelines.settings import get_settings
-    from pipelines.storage import ObjectStore
+    from pipelines.monitor.drift import monitor
+    from pipelines.core.settings import get_settings
+    from pipelines.io.storage import ObjectStore
 
     settings = get_settings()
     outcome = monitor(

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _explain(args: argparse.Namespace) -> Output:
-    from pipelines.explain import explain_run
+    from pipelines.trust.explain import explain_run
 
     report = explain_run(args.run_id, samples=args.samples, seed=args.seed, lime_images=args.lime_images)
     data = {key: report[key] for key in ("run_id", "n_images", "gradcam", "lime", "shortcut", "segmentation")}

@@ -8,7 +8,7 @@ from pipelines.cli import Output, add_command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipelines.tasks import TASKS
+    from pipelines.core.taxonomy import TASKS
 
     synth = add_command(sub, "synth", "write synthetic smear images with ground-truth nucleus masks", _synth)
     synth.add_argument("--out", required=True, help="output folder (images/, masks/, synth.json)")
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> Output:
-    from pipelines.synthetic import write_synthetic
+    from pipelines.devstack.synthetic import write_synthetic
 
     summary = write_synthetic(args.out, args.task, args.per_class, args.size, args.seed, args.shortcut)
     data = summary.to_dict()
@@ -39,7 +39,7 @@ def _synth(args: argparse.Namespace) -> Output:
 
 
 def _segment(args: argparse.Namespace) -> Output:
-    from pipelines.segmentation import score_folder
+    from pipelines.trust.segmentation import score_folder
 
     report = score_folder(args.images, args.masks, nucleus_value=args.nucleus_value)
     text = (

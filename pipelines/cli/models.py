@@ -52,7 +52,7 @@ def _promotion_text(result: dict) -> str:
 
 
 def _promote(args: argparse.Namespace) -> Output:
-    from pipelines.promote import promote_run, select_and_promote
+    from pipelines.trust.promote import promote_run, select_and_promote
 
     if len(args.run_id) == 1:
         result = promote_run(args.run_id[0], args.reason)
@@ -65,14 +65,14 @@ def _promote(args: argparse.Namespace) -> Output:
 
 
 def _approve(args: argparse.Namespace) -> Output:
-    from pipelines.promote import approve
+    from pipelines.trust.promote import approve
 
     result = approve(args.task, args.version, args.reason)
     return Output(result, f"{args.task} v{result['version']} is @champion (aliases: {result['aliases']})")
 
 
 def _rollback(args: argparse.Namespace) -> Output:
-    from pipelines.promote import rollback
+    from pipelines.trust.promote import rollback
 
     result = rollback(args.task, args.reason)
     text = f"{args.task}: @champion v{result['rolled_back']} -> v{result['champion']} ({result['aliases']})"
@@ -80,7 +80,7 @@ def _rollback(args: argparse.Namespace) -> Output:
 
 
 def _list(args: argparse.Namespace) -> Output:
-    from pipelines.promote import list_models
+    from pipelines.trust.promote import list_models
 
     result = list_models(args.task)
     rows = [

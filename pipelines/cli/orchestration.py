@@ -29,27 +29,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings():
-    from pipelines.settings import get_settings
+    from pipelines.core.settings import get_settings
 
     return get_settings()
 
 
 def _init(args: argparse.Namespace) -> Output:
-    from pipelines.airflow_local import init
+    from pipelines.devstack.airflow_local import init
 
     home = init(_settings(), args.dags_dir)
     return Output({"airflow_home": str(home), "pool": "gpu"}, f"Airflow home {home} migrated; pool `gpu` ready")
 
 
 def _up(args: argparse.Namespace) -> Output:
-    from pipelines.airflow_local import standalone
+    from pipelines.devstack.airflow_local import standalone
 
     code = standalone(_settings(), args.dags_dir)
     return Output({"exit_code": code}, f"airflow standalone exited with {code}", exit_code=code)
 
 
 def _test(args: argparse.Namespace) -> Output:
-    from pipelines.airflow_local import dags_test, init
+    from pipelines.devstack.airflow_local import dags_test, init
 
     settings = _settings()
     init(settings, args.dags_dir)
@@ -64,7 +64,7 @@ def _test(args: argparse.Namespace) -> Output:
 def _demo(args: argparse.Namespace) -> Output:
     import sys
 
-    from pipelines.demo import render_summary, run_demo
+    from pipelines.devstack.demo import render_summary, run_demo
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> Output:
     import uvicorn
 
-    from pipelines.settings import get_settings
-    from pipelines.tasks import get_task
+    from pipelines.core.settings import get_settings
+    from pipelines.core.taxonomy import get_task
 
     if args.task:
         get_task(args.task)

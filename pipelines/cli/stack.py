@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _stack():
-    from pipelines.localstack import LocalStack
-    from pipelines.settings import get_settings
+    from pipelines.devstack.localstack import LocalStack
+    from pipelines.core.settings import get_settings
 
     return LocalStack(get_settings())
 

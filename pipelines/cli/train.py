@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train = add_command(
         sub, "train", "train one backbone on a task's dataset snapshot and log the run to MLflow", _train
     )
-    train.add_argument("--task", required=True, help="task name (see pipelines.tasks)")
+    train.add_argument("--task", required=True, help="task name (see pipelines.core.taxonomy)")
     train.add_argument("--dataset-version", help="snapshot version (default: the task's latest)")
     train.add_argument("--backbone", required=True, help="allow-listed backbone, e.g. efficientnet_lite0")
     train.add_argument("--augment", default="mixup", help="none | mixup | cutmix | augmix | randaug")
@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> Output:
-    from pipelines.settings import get_settings
-    from pipelines.training_run import train_candidate
+    from pipelines.core.settings import get_settings
+    from pipelines.model.candidate import train_candidate
 
     summary = train_candidate(
         get_settings(),
@@ -67,8 +67,8 @@ def _train(args: argparse.Namespace) -> Output:
 
 
 def _evaluate(args: argparse.Namespace) -> Output:
-    from pipelines.settings import get_settings
-    from pipelines.training_run import evaluate_on_source
+    from pipelines.core.settings import get_settings
+    from pipelines.model.candidate import evaluate_on_source
 
     result = evaluate_on_source(get_settings(), args.model, args.source, task=args.task)
     per_class = "\n".join(

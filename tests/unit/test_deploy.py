@@ -176,7 +176,7 @@ def test_helm_values_parse_and_use_the_project_image():
 
 
 def test_compose_and_embedded_stack_use_the_same_settings_names():
-    from pipelines.settings import Settings
+    from pipelines.core.settings import Settings
 
     fields = {f"LEUKOPS_{name.upper()}" for name in Settings.model_fields}
     compose_vars = {key for s in SERVICES.values() for key in _env(s) if key.startswith("LEUKOPS_")}

@@ -1,0 +1,187 @@
+"""One settings object for every leukops process: the only reader of LEUKOPS_* environment variables.
+
+Values come from the environment (prefix ``LEUKOPS_``, nested with ``__``), then an optional ``.env``
+file. Secrets have defaults only in the explicit ``dev`` profile; any other profile refuses to start
+without them, naming the variable to set.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from pipelines.core.errors import LeukopsError
+
+DEV_S3_ACCESS_KEY = "leukops-dev"
+DEV_S3_SECRET_KEY = "leukops-dev-secret-not-for-production"  # noqa: S105 - dev profile only
+DEV_API_TOKEN = "leukops-dev-token"  # noqa: S105 - dev profile only
+
+
+class SettingsError(LeukopsError):
+    """A required setting is missing or invalid; the message names the variable to set."""
+
+
+class GateThresholds(BaseModel):
+    """Promotion gate thresholds (see pipelines.trust.gate). Override e.g. LEUKOPS_GATE__MACRO_F1_MIN=0.8."""
+
+    macro_f1_min: float = 0.70
+    class_recall_min: float = 0.50
+    non_inferiority_margin: float = 0.02
+    nucleus_enrichment_min: float = 1.2
+    shortcut_flip_rate_max: float = 0.10
+    lime_agreement_min: float | None = None
+
+
+class DriftThresholds(BaseModel):
+    """Drift monitoring and the retrain rule (see pipelines.monitor.drift). Override e.g. LEUKOPS_DRIFT__MAX_ROWS=500."""
+
+    column_alpha: float = 0.05  # family-wise false-alarm rate per column family (Bonferroni-split p-value tests)
+    large_sample_rows: int = 1000  # above this many rows per side, effect-size distances replace p-value tests
+    distance_threshold: float = 0.1  # normed Wasserstein / Jensen-Shannon distance that counts as drift (large n)
+    dataset_drift_share: float = 0.3  # share of drifted image-fact columns that makes the dataset drifted
+    embedding_quantile: float = 0.99  # domain-classifier ROC-AUC must beat this quantile of chance ROC-AUCs
+    pca_components: int = 16  # embedding PCA components (fitted on the reference, stored with it)
+    max_rows: int = 1000  # rows sampled per side (bounds embedding and t-SNE time)
+    retrain_drift_share: float = 0.5  # retrain when this share of image-fact columns drifted ...
+    retrain_embedding_auc: float = 0.75  # ... or the embedding domain classifier reaches this ROC-AUC ...
+    retrain_on_prediction_drift: bool = False  # ... or (when true) the predicted-class mix drifted
+
+
+class RetrainConfig(BaseModel):
+    """What the nightly retrain trains: the task(s) and the backbone x augmentation grid."""
+
+    schedule: str = "0 2 * * *"
+    tasks: list[str] = Field(default_factory=lambda: ["all_subtypes"])
+    backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"])
+    augmentations: list[str] = Field(default_factory=lambda: ["none"])
+    epochs: int = 5
+    image_size: int = 128
+    batch_size: int = 32
+    max_images: int | None = None
+    time_budget_min: float | None = 60.0
+    explain_samples: int = 32
+    explain_lime_images: int = 3
+    gpu_pool_slots: int = 1
+
+
+class SchedulesConfig(BaseModel):
+    drift: str = "0 6 * * *"
+    ingest_poll: str = "*/30 * * * *"
+    drift_window_days: int = 1
+
+
+def config_file_path() -> Path:
+    """The versioned pipeline config (grid, schedules, thresholds); LEUKOPS_CONFIG_FILE moves it."""
+    return Path(os.environ.get("LEUKOPS_CONFIG_FILE", "leukops.yaml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LEUKOPS_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    profile: Literal["dev", "test", "prod"] = "prod"
+    state_dir: Path = Path(".leukops")
+
+    s3_endpoint: str = "http://127.0.0.1:18333"
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    data_bucket: str = "leukops-data"
+    artifacts_bucket: str = "leukops-mlflow"
+
+    mlflow_tracking_uri: str = "http://127.0.0.1:15000"
+    mlflow_experiment: str = "leukops"
+    registered_model_prefix: str = "leukops"
+
+    sources_dir: Path = Path("expectations/sources")
+    suite_dir: Path = Path("expectations")
+    config_file: Path = Field(default_factory=config_file_path)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    schedules: SchedulesConfig = Field(default_factory=SchedulesConfig)
+
+    api_token: SecretStr | None = None
+    serve_task: str = "all_subtypes"  # serving: the task whose @champion the API serves
+    max_upload_mb: float = 20.0  # serving: largest accepted upload
+    max_pixels: int = 40_000_000  # serving: decompression-bomb guard (width x height)
+    reload_interval_s: float = 30.0  # serving: how often @champion is polled for a new version
+    log_raw_images: bool = False  # serving: also store request images in S3 (off: only facts are logged)
+    log_embeddings: bool = True  # serving: add the model's penultimate embedding to the request log
+    request_log_flush_rows: int = 256  # serving: request-log rows per parquet part
+    request_log_flush_s: float = 30.0  # serving: longest a request-log row waits before being written
+    serve_max_batch: int = 8  # serving: micro-batch size for concurrent predictions (1 = off)
+    serve_batch_wait_ms: float = 2.0  # serving: how long a request waits for others to join its batch
+    cors_origins: list[str] = Field(default_factory=list)  # serving: CORS allow-list (empty = CORS off)
+    gate: GateThresholds = Field(default_factory=GateThresholds)
+    require_approval: bool = False  # promotion: a passing candidate waits as @challenger for `leukops approve`
+    actor: str | None = None  # who registry audit tags name (default: the OS user), e.g. airflow:<dag_run_id>
+    drift: DriftThresholds = Field(default_factory=DriftThresholds)  # pipelines.monitor.drift (issue 7)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then .env, then the versioned config file.
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=config_file_path())
+        return init_settings, env_settings, dotenv_settings, yaml_source, file_secret_settings
+
+    @model_validator(mode="after")
+    def _secrets_present(self) -> Settings:
+        dev_defaults = {
+            "s3_access_key": DEV_S3_ACCESS_KEY,
+            "s3_secret_key": DEV_S3_SECRET_KEY,
+            "api_token": DEV_API_TOKEN,
+        }
+        for field, dev_value in dev_defaults.items():
+            if getattr(self, field) is not None:
+                continue
+            if self.profile != "dev":
+                raise SettingsError(
+                    f"LEUKOPS_{field.upper()} is not set (profile {self.profile!r}); set it, "
+                    "or use LEUKOPS_PROFILE=dev for the embedded local stack"
+                )
+            setattr(self, field, SecretStr(dev_value))
+        return self
+
+    @property
+    def s3_secure(self) -> bool:
+        return urlparse(self.s3_endpoint).scheme == "https"
+
+    @property
+    def s3_host(self) -> str:
+        """host:port as the minio SDK wants it."""
+        return urlparse(self.s3_endpoint).netloc
+
+    def registered_model_name(self, task: str) -> str:
+        return f"{self.registered_model_prefix}-{task}"
+
+    def secret(self, field: str) -> str:
+        value = getattr(self, field)
+        if value is None:
+            raise SettingsError(f"LEUKOPS_{field.upper()} is not set")
+        return value.get_secret_value()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, created once (tests call ``get_settings.cache_clear()``)."""
+    return Settings()

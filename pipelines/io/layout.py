@@ -1,0 +1,183 @@
+"""The catalog: every S3 key and MLflow artifact path leukops reads or writes, and nothing else.
+
+Kedro's catalog idea: stages name *what* they read and write; this module alone says *where*. A change of
+layout is a change here (and a migration of the bucket), never a search through the stages. Prefixes end
+without a slash; ``*_dir`` helpers return a prefix with the trailing slash that S3 listings expect.
+
+Bucket layout (one data bucket)::
+
+    raw/sha256/ab/cd/<sha256>.<ext>                      content-addressed originals (immutable)
+    manifests/batches/<source>/<batch_id>.parquet        published batch manifests (immutable)
+    manifests/splits/<task>.parquet                      the split ledger (an image keeps its split forever)
+    manifests/datasets/<task>/<version>.parquet|.json    dataset snapshots + summary; latest.json pointer
+    quarantine/<source>/<batch_id>/...                   held batches and rejected originals
+    reports/validation/<run_date>/<batch_id>/...         GX Data Docs per validation run
+    reports/drift/<run_date>/<report_id>.html|.json      drift reports; index.html / index.json
+    drift/references/<task>/<run_id>/<digest>/...        cached reference features of a champion
+    serving/requests/date=<day>/part-<id>.parquet        the serving request log
+    serving/images/<ab>/<sha256>.<ext>                   request images, when kept
+    state/{ingest,retrain,drift}/...                     idempotency records of the Airflow tasks
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+# --- raw originals ----------------------------------------------------------------------------------------
+RAW = "raw"
+RAW_SHARDS = f"{RAW}/sha256"
+IMMUTABLE_PREFIXES = (f"{RAW}/", "manifests/", "quarantine/")  # never deleted through the adapter
+
+
+def raw_key(sha256: str, ext: str) -> str:
+    """Content-addressed key of an original: two shard levels keep listings small."""
+    return f"{RAW_SHARDS}/{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
+
+
+def raw_shard_dir(sha256: str, depth: int = 4) -> str:
+    """The shard folder holding ``sha256`` (depth 2: ``ab/``, depth 4: ``ab/cd/``), with a trailing slash."""
+    return f"{RAW_SHARDS}/{sha256[:2]}/" + (f"{sha256[2:4]}/" if depth == 4 else "")
+
+
+# --- batches, quarantine, validation reports --------------------------------------------------------------
+BATCHES = "manifests/batches"
+QUARANTINE = "quarantine"
+VALIDATION_REPORTS = "reports/validation"
+
+
+def batches_dir(source: str | None = None) -> str:
+    return f"{BATCHES}/{source}/" if source else f"{BATCHES}/"
+
+
+def batch_manifest_key(source: str, batch_id: str) -> str:
+    return f"{BATCHES}/{source}/{batch_id}.parquet"
+
+
+def batch_of_manifest_key(key: str) -> tuple[str, str]:
+    """(source, batch_id) of a published manifest key: the inverse of ``batch_manifest_key``."""
+    source, name = key.removeprefix(f"{BATCHES}/").split("/", 1)
+    return source, name.removesuffix(".parquet")
+
+
+def quarantine_dir(source: str | None = None) -> str:
+    return f"{QUARANTINE}/{source}/" if source else f"{QUARANTINE}/"
+
+
+def quarantined_batch_prefix(source: str, batch_id: str) -> str:
+    return f"{QUARANTINE}/{source}/{batch_id}"
+
+
+def rejected_original_key(source: str, batch_id: str, sha256: str, ext: str) -> str:
+    return f"{quarantined_batch_prefix(source, batch_id)}/rejected/{sha256}.{ext}"
+
+
+def validation_report_prefix(run_date: str, batch_id: str) -> str:
+    return f"{VALIDATION_REPORTS}/{run_date}/{batch_id}"
+
+
+# --- split ledger and dataset snapshots --------------------------------------------------------------------
+def ledger_key(task: str) -> str:
+    return f"manifests/splits/{task}.parquet"
+
+
+def dataset_key(task: str, version: str) -> str:
+    return f"manifests/datasets/{task}/{version}.parquet"
+
+
+def dataset_summary_key(task: str, version: str) -> str:
+    return f"manifests/datasets/{task}/{version}.json"
+
+
+def latest_dataset_pointer_key(task: str) -> str:
+    return f"manifests/datasets/{task}/latest.json"
+
+
+# --- drift ---------------------------------------------------------------------------------------------------
+DRIFT_REPORTS = "reports/drift"
+DRIFT_INDEX_JSON = f"{DRIFT_REPORTS}/index.json"
+DRIFT_INDEX_HTML = f"{DRIFT_REPORTS}/index.html"
+DRIFT_REFERENCES = "drift/references"
+
+
+def drift_report_keys(run_date: date, report_id: str) -> tuple[str, str]:
+    """(html, json) keys of one drift report."""
+    base = f"{DRIFT_REPORTS}/{run_date.isoformat()}/{report_id}"
+    return f"{base}.html", f"{base}.json"
+
+
+def drift_reference_prefix(task: str, run_id: str, digest: str) -> str:
+    return f"{DRIFT_REFERENCES}/{task}/{run_id}/{digest}"
+
+
+# --- serving request log ------------------------------------------------------------------------------------
+SERVING_REQUESTS = "serving/requests"
+SERVING_IMAGES = "serving/images"
+
+
+def request_log_day_dir(day: str) -> str:
+    return f"{SERVING_REQUESTS}/date={day}/"
+
+
+def request_log_part_key(day: str, part_id: str) -> str:
+    return f"{request_log_day_dir(day)}part-{part_id}.parquet"
+
+
+def request_image_key(sha256: str, ext: str) -> str:
+    return f"{SERVING_IMAGES}/{sha256[:2]}/{sha256}.{ext}"
+
+
+# --- Airflow task state (idempotent retries) ---------------------------------------------------------------
+STATE = "state"
+
+
+def _safe(run_id: str) -> str:
+    """An Airflow run id as one key segment (run ids hold ':' and '+')."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in run_id)
+
+
+def ingest_report_key(source: str, run_id: str) -> str:
+    return f"{STATE}/ingest/{source}/{_safe(run_id)}.json"
+
+
+def retrain_last_attempt_key(task: str) -> str:
+    return f"{STATE}/retrain/{task}/last_attempted.json"
+
+
+def drift_checked_batches_key(task: str) -> str:
+    return f"{STATE}/drift/{task}/checked_batches.json"
+
+
+def drift_verdict_key(task: str, run_id: str) -> str:
+    return f"{STATE}/drift/{task}/runs/{_safe(run_id)}.json"
+
+
+# --- MLflow: run artifacts and model URIs ------------------------------------------------------------------
+MODEL_ARTIFACT_PATH = "model"  # the model bundle inside a run (weights + bundle.json)
+RUN_CONFIG = "config.json"
+SPLIT_COUNTS = "dataset/split_counts.json"
+TEST_REPORT = "evaluation/test_report.json"
+CONFUSION_MATRIX = "evaluation/confusion_matrix.png"
+EXPLAIN_METRICS = "explain/metrics.json"
+EXPLAIN_OVERLAYS = "explain/overlays"
+GATE_REPORT_JSON = "gate/report.json"
+GATE_REPORT_MD = "gate/report.md"
+MODEL_CARD = "model_card.md"
+DRIFT_REPORT_HTML = "drift/report.html"
+DRIFT_REPORT_JSON = "drift/report.json"
+
+
+def explain_overlay_path(label: str) -> str:
+    return f"{EXPLAIN_OVERLAYS}/{label}.png"
+
+
+def run_model_uri(run_id: str) -> str:
+    """The model bundle logged by a training run: the one URI every loader takes."""
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def run_artifact_uri(run_id: str, artifact_path: str) -> str:
+    return f"runs:/{run_id}/{artifact_path}"
+
+
+def registered_version_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"

@@ -1,0 +1,364 @@
+"""One training candidate end to end: snapshot → cache → loaders → fit → test evaluation → MLflow run.
+
+``train_candidate`` is the entry point the CLI (``leukops train``) and the Airflow nightly DAG both call;
+it wires the pure pieces (``datasets``, ``train``, ``evaluate``) to the adapters (``storage``,
+``tracking``) and returns a small JSON-able summary. The run key (task, dataset version, backbone,
+augmentation, image size, subset and optimisation config) names the checkpoint and tags the MLflow run,
+so a crashed candidate resumes both where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipelines.data.datasets import (
+    ImageFileDataset,
+    fill_cache,
+    label_indices,
+    limit_rows,
+    make_loader,
+    split_rows,
+)
+from pipelines.core.errors import LeukopsError
+from pipelines.core.taxonomy import get_task
+from pipelines.model.train import (
+    FitResult,
+    Stage,
+    TrainConfig,
+    checkpoint_file,
+    fine_tuning_stages,
+    fit,
+    pick_device,
+    predict_proba,
+    run_key,
+    seed_everything,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch.utils.data import DataLoader
+
+    from pipelines.model.augment import Augmentation
+    from pipelines.model.backbones import Backbone
+    from pipelines.model.evaluate import EvalResult
+    from pipelines.core.settings import Settings
+    from pipelines.io.tracking import TrainingTracker
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """What to train: everything that makes two runs different (and so keys the checkpoint)."""
+
+    task: str
+    backbone: str
+    augment: str = "mixup"
+    image_size: int | None = None
+    max_images: int | None = None
+    batch_size: int = 32
+    mask_corner: bool = False
+    device: str | None = None
+
+
+def stages_for(backbone: Backbone, config: TrainConfig) -> list[Stage]:
+    """Two-stage fine-tuning for ImageNet weights (the Backbone decides which blocks stage 2 opens)."""
+    backbone.freeze_encoder()
+    backbone.unfreeze_last_blocks(config.unfreeze_blocks)
+    opened = [n for n, p in backbone.model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    backbone.unfreeze_all()
+    return fine_tuning_stages(config, pretrained=backbone.pretrained, head=["head"], finetune=opened)
+
+
+@dataclass
+class PreparedRun:
+    """Everything resolved before training starts: data on local disk, the module, transforms, loaders."""
+
+    spec: CandidateSpec
+    config: TrainConfig
+    dataset_version: str
+    dataset_uri: str
+    frame: pd.DataFrame  # the (limited) snapshot rows, with the cached file in ``path``
+    backbone: Backbone
+    preprocessing: dict[str, Any]
+    augmentation: Augmentation
+    loaders: dict[str, DataLoader]
+    extra_tags: dict[str, str] = field(default_factory=dict)  # e.g. the Airflow run key; also keys the run
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return get_task(self.spec.task).classes
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The run's params; also what keys its checkpoint and MLflow run."""
+        return {
+            "candidate": asdict(self.spec),
+            "train": asdict(self.config),
+            "preprocessing": self.preprocessing,
+            "dataset_version": self.dataset_version,
+            "weights_source": self.backbone.weights_source,
+            "image_size": self.backbone.image_size,
+            "extra_tags": self.extra_tags,
+        }
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "task": self.spec.task,
+            "dataset_version": self.dataset_version,
+            "backbone": self.spec.backbone,
+            "augment": self.spec.augment,
+            "pretrained": str(self.backbone.pretrained).lower(),
+            "weights_source": self.backbone.weights_source,
+            **self.extra_tags,
+        }
+
+
+def _loaders(spec: CandidateSpec, frame: pd.DataFrame, preprocessing: dict, augmentation: Augmentation, seed: int):
+    """train/val/test DataLoaders over the cached files (``frame.path``); augmentation on train only."""
+    from pipelines.model.preprocess import build_transform
+
+    classes = get_task(spec.task).classes
+    device = pick_device(spec.device)
+    loaders = {}
+    for split in ("train", "val", "test"):
+        rows, train = split_rows(frame, split), split == "train"
+        transform = build_transform(preprocessing, augmentation.pil_transform if train else None, train=train)
+        dataset = ImageFileDataset(list(rows["path"]), label_indices(list(rows["label"]), classes), transform)
+        loaders[split] = make_loader(dataset, batch_size=spec.batch_size, train=train, device=device, seed=seed)
+    return loaders
+
+
+def prepare_run(
+    settings: Settings,
+    spec: CandidateSpec,
+    config: TrainConfig,
+    dataset_version: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> PreparedRun:
+    """Load the snapshot, fill the local image cache, build the backbone, preprocessing and loaders."""
+    from pipelines.model.augment import build_augmentation
+    from pipelines.model.backbones import create_backbone
+    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.data.snapshot import load_snapshot
+    from pipelines.io.storage import ObjectStore
+
+    check_request(spec, config)
+    classes = get_task(spec.task).classes
+    store = ObjectStore.from_settings(settings)
+    snapshot = load_snapshot(store, spec.task, dataset_version)
+    frame = limit_rows(snapshot.frame, spec.max_images)
+    frame = frame.assign(path=fill_cache(store, frame, Path(settings.state_dir) / "cache"))
+    seed_everything(config.seed)
+    backbone = create_backbone(spec.backbone, len(classes), pretrained=True, image_size=spec.image_size)
+    preprocessing = preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner)
+    augmentation = build_augmentation(
+        spec.augment, len(classes), backbone.image_size, mean=preprocessing["mean"],
+        interpolation=preprocessing["interpolation"], label_smoothing=config.label_smoothing,
+    )  # fmt: skip
+    return PreparedRun(
+        spec=spec,
+        config=config,
+        dataset_version=snapshot.version,
+        dataset_uri=store.uri(f"manifests/datasets/{spec.task}/{snapshot.version}.parquet"),
+        frame=frame,
+        backbone=backbone,
+        preprocessing=preprocessing,
+        augmentation=augmentation,
+        loaders=_loaders(spec, frame, preprocessing, augmentation, config.seed),
+        extra_tags=dict(extra_tags or {}),
+    )
+
+
+def _log_test_evaluation(tracker: TrainingTracker, result: EvalResult) -> dict[str, float]:
+    from pipelines.model.evaluate import confusion_matrix_figure
+
+    metrics = result.to_metrics("test_")
+    tracker.log_metrics(metrics)
+    tracker.log_dict(result.to_dict(), "evaluation/test_report.json")
+    tracker.log_text(result.classification_report(), "evaluation/per_class_report.txt")
+    tracker.log_figure(confusion_matrix_figure(result), "evaluation/confusion_matrix.png")
+    return metrics
+
+
+def _fit_metrics(result: FitResult, run: PreparedRun) -> dict[str, float]:
+    return {
+        "val_macro_f1": result.best_val_f1,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": result.train_seconds,
+        "train_images_per_s": result.images_per_s,
+        **{f"n_{split}": len(loader.dataset) for split, loader in run.loaders.items()},
+        "image_size": run.backbone.image_size,
+    }
+
+
+def train_prepared(settings: Settings, run: PreparedRun) -> dict[str, Any]:
+    """Fit (resuming a crashed run of the same key), evaluate on test, log the run and its model."""
+    from pipelines.model.evaluate import evaluate_predictions
+    from pipelines.io.tracking import ModelBundle, TrainingTracker
+
+    resolved = run.resolved_config()
+    key = run_key(resolved)
+    checkpoint = checkpoint_file(settings.state_dir, key)
+    device = pick_device(run.spec.device)
+    name = f"{run.spec.backbone}-{run.spec.augment}"
+    with TrainingTracker(settings, run_key=key, run_name=name, tags=run.tags()) as tracker:
+        tracker.log_params(resolved)
+        tracker.log_snapshot(run.spec.task, run.dataset_version, run.frame, run.dataset_uri)
+        result = fit(
+            run.backbone.model,
+            run.loaders["train"],
+            run.loaders["val"],
+            stages=stages_for(run.backbone, run.config),
+            config=run.config,
+            checkpoint_path=checkpoint,
+            callbacks=[tracker],
+            mixer=run.augmentation.batch_mixer,
+            criterion=run.augmentation.loss,
+            device=device,
+        )
+        labels, proba = predict_proba(run.backbone.model, run.loaders["test"], device)
+        test = _log_test_evaluation(tracker, evaluate_predictions(labels, proba, list(run.classes)))
+        tracker.log_metrics(_fit_metrics(result, run))
+        tracker.set_tags({"stop_reason": result.stop_reason})
+        bundle = ModelBundle.for_backbone(run.spec.task, run.classes, run.backbone, run.preprocessing)
+        model_uri = tracker.log_model(bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
+    checkpoint.unlink(missing_ok=True)  # the run holds the model now; a rerun trains afresh
+    return {
+        "run_id": tracker.run_id,
+        "model_uri": model_uri,
+        **run.tags(),
+        "pretrained": run.backbone.pretrained,
+        "image_size": run.backbone.image_size,
+        "val_f1": result.best_val_f1,
+        "test_f1": test["test_macro_f1"],
+        "test_accuracy": test["test_accuracy"],
+        "test_f1_ci": [test["test_f1_ci_low"], test["test_f1_ci_high"]],
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "train_images_per_s": round(result.images_per_s, 2),
+        "n_train": len(run.loaders["train"].dataset),
+        "n_test": len(run.loaders["test"].dataset),
+        "device": device.type,
+    }
+
+
+def train_candidate(
+    settings: Settings,
+    task: str,
+    backbone: str,
+    augment: str = "mixup",
+    *,
+    dataset_version: str | None = None,
+    image_size: int | None = None,
+    max_images: int | None = None,
+    batch_size: int = 32,
+    mask_corner: bool = False,
+    device: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    **train_options: Any,
+) -> dict[str, Any]:
+    """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
+    test split and log it all to MLflow; returns a JSON-able summary (run_id, val_f1, test_f1, ...).
+    ``train_options`` are ``TrainConfig`` fields: epochs, lr, patience, seed, time_budget_min, ...;
+    ``extra_tags`` (e.g. the Airflow run key) are set on the MLflow run and are part of its run key."""
+    spec = CandidateSpec(task, backbone, augment, image_size, max_images, batch_size, mask_corner, device)
+    try:
+        config = TrainConfig(**train_options)
+    except TypeError as err:
+        raise TrainingInputError(f"bad training option: {err}") from None
+    return train_prepared(settings, prepare_run(settings, spec, config, dataset_version, extra_tags))
+
+
+class TrainingInputError(LeukopsError):
+    """A training request that cannot run (bad numbers, unknown names); the message says which value."""
+
+
+def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
+    from pipelines.model.backbones import BACKBONES
+
+    get_task(spec.task)
+    if spec.backbone not in BACKBONES:
+        raise TrainingInputError(f"unknown backbone {spec.backbone!r}; allowed: {', '.join(BACKBONES)}")
+    for name, value in (("epochs", config.epochs), ("batch_size", spec.batch_size)):
+        if value < 1:
+            raise TrainingInputError(f"{name} must be >= 1, got {value}")
+    cells = 3 * len(get_task(spec.task).classes)
+    if spec.max_images is not None and spec.max_images < cells:
+        raise TrainingInputError(
+            f"--max-images must be >= {cells} (one image per split and class of {spec.task}), got {spec.max_images}"
+        )
+    if config.time_budget_min is not None and config.time_budget_min <= 0:
+        raise TrainingInputError(f"--time-budget-min must be > 0, got {config.time_budget_min}")
+    if spec.device and spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingInputError(f"device {spec.device!r} requested but CUDA is not available here")
+
+
+def _model_uri(settings: Settings, model: str, task: str) -> str:
+    from pipelines.io.registry import ALIASES
+
+    if model in ALIASES:
+        return f"models:/{settings.registered_model_name(task)}@{model}"
+    return f"runs:/{model}/model"
+
+
+def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task: str | None = None) -> dict:
+    """External validation: ``model`` (an alias of the task's registered model, or a run id) on every accepted
+    image of ``source_name`` whose label is a class of the model's task, minus the images of the model's
+    own train/val splits (counted in ``excluded_seen_in_training``)."""
+    from pipelines.model.evaluate import evaluate_model
+    from pipelines.data.ingest import accepted_rows
+    from pipelines.data.sources import load_source
+    from pipelines.io.storage import ObjectStore
+    from pipelines.io.tracking import load_model
+
+    source = load_source(source_name, settings)
+    if task is None and len(source.tasks) != 1:
+        raise TrainingInputError(f"source {source_name!r} feeds tasks {list(source.tasks)}: pass --task")
+    loaded = load_model(_model_uri(settings, model, task or source.tasks[0]), settings=settings)
+    if loaded.task not in source.tasks:
+        raise TrainingInputError(
+            f"source {source_name!r} feeds {list(source.tasks)}, not the model's task {loaded.task!r}"
+        )
+    store = ObjectStore.from_settings(settings)
+    rows = accepted_rows(store, source_name).drop_duplicates("sha256")
+    seen = _seen_in_training(settings, store, loaded)
+    unseen = rows[~rows["sha256"].isin(seen)]  # images the model learned from or was selected on
+    usable = unseen[unseen["label"].isin(loaded.classes)]
+    if usable.empty:
+        raise TrainingInputError(
+            f"source {source_name!r} has no accepted images labelled with a class of {loaded.task!r} "
+            f"({list(loaded.classes)}); ingest it first (`leukops ingest --source {source_name}`)"
+        )
+    result = evaluate_model(loaded, store, usable)
+    return {
+        "model_uri": _model_uri(settings, model, loaded.task),
+        "run_id": loaded.run_id,
+        "task": loaded.task,
+        "source": source_name,
+        "macro_f1": result.macro_f1,
+        "accuracy": result.accuracy,
+        "f1_ci": [result.f1_ci_low, result.f1_ci_high],
+        "ece": result.ece,
+        "per_class": {name: asdict(scores) for name, scores in result.per_class.items()},
+        "n": result.n,
+        "n_other_labels": int(len(unseen) - len(usable)),
+        "excluded_seen_in_training": int(len(rows) - len(unseen)),
+        "absent_classes": list(result.absent_classes),
+    }
+
+
+def _seen_in_training(settings: Settings, store, loaded) -> set[str]:
+    """sha256 of the train and val images of the snapshot the model was trained on (none if unknown)."""
+    from pipelines.data.snapshot import load_snapshot
+    from pipelines.io.tracking import run_tags
+
+    version = run_tags(settings, loaded.run_id).get("dataset_version") if loaded.run_id else None
+    if not version:
+        return set()
+    frame = load_snapshot(store, loaded.task, version).frame
+    return set(frame.loc[frame["split"].isin(["train", "val"]), "sha256"])

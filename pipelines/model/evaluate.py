@@ -1,0 +1,276 @@
+"""Evaluation of class probabilities against true labels: pure functions, arrays in, a dataclass out.
+
+`evaluate_predictions` gives accuracy, macro-F1, per-class precision/recall/F1/support, the confusion
+matrix, the expected calibration error (15 equal-width confidence bins) and a percentile-bootstrap 95% CI of
+macro-F1. `mcnemar` compares two models on the same test set. `confusion_matrix_png` renders the matrix.
+`evaluate_model` is the thin adapter that re-evaluates a loaded model on a frame of stored images.
+
+Macro-F1 averages over the classes present in `y_true` (equal to sklearn's macro average when every class
+is present); classes absent from the evaluated set are listed in `EvalResult.absent_classes`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import stats
+
+from pipelines.core.errors import LeukopsError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from pipelines.io.storage import ObjectStore
+
+ECE_BINS = 15
+EXACT_MCNEMAR_MAX = 25  # below this many discordant pairs the chi-square approximation is poor
+
+
+class EvaluationError(LeukopsError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    classes: tuple[str, ...]
+    n: int
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, ClassScores]
+    confusion: tuple[tuple[int, ...], ...]  # rows: true class, columns: predicted class
+    ece: float
+    f1_ci_low: float
+    f1_ci_high: float
+    absent_classes: tuple[str, ...] = ()
+    bootstrap: int = 0
+
+    def to_metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flat metrics: accuracy, macro_f1, precision_/recall_/f1_<class> (present classes), the CI, ece."""
+        metrics = {"accuracy": self.accuracy, "macro_f1": self.macro_f1}
+        for name, scores in self.per_class.items():
+            if name not in self.absent_classes:
+                metrics |= {f"precision_{name}": scores.precision, f"recall_{name}": scores.recall}
+                metrics[f"f1_{name}"] = scores.f1
+        metrics |= {"f1_ci_low": self.f1_ci_low, "f1_ci_high": self.f1_ci_high, "ece": self.ece}
+        return {f"{prefix}{key}": float(value) for key, value in metrics.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able report (the per-class table, confusion matrix, CI and calibration)."""
+        report = asdict(self)
+        report["classes"] = list(self.classes)
+        report["confusion"] = [list(row) for row in self.confusion]
+        report["absent_classes"] = list(self.absent_classes)
+        return report
+
+    def classification_report(self) -> str:
+        """A plain-text per-class table, like sklearn's."""
+        width = max(12, *(len(c) for c in self.classes))
+        lines = [f"{'class':>{width}}  precision  recall  f1-score  support"]
+        for name, s in self.per_class.items():
+            lines.append(f"{name:>{width}}  {s.precision:9.3f}  {s.recall:6.3f}  {s.f1:8.3f}  {s.support:7d}")
+        lines.append(f"{'accuracy':>{width}}  {'':9}  {'':6}  {self.accuracy:8.3f}  {self.n:7d}")
+        ci = f"[{self.f1_ci_low:.3f}, {self.f1_ci_high:.3f}]"
+        lines.append(f"{'macro-F1':>{width}}  {self.macro_f1:.3f}  (95% CI {ci}, {self.bootstrap} resamples)")
+        lines.append(f"{'ECE':>{width}}  {self.ece:.4f}")
+        return "\n".join(lines)
+
+
+def evaluate_predictions(
+    y_true: Sequence[int] | Sequence[str] | np.ndarray,
+    proba: np.ndarray,
+    classes: Sequence[str],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> EvalResult:
+    """Metrics of `proba` (N×C, rows sum to 1) against `y_true` (class indices or names from `classes`)."""
+    classes = tuple(classes)
+    truth, proba = _check_inputs(y_true, proba, classes)
+    predicted = proba.argmax(axis=1)
+    confusion = _confusion(truth, predicted, len(classes))
+    present = confusion.sum(axis=1) > 0
+    precision, recall, f1 = _scores(confusion)
+    low, high = _bootstrap_macro_f1(truth, predicted, len(classes), present, bootstrap, seed)
+    return EvalResult(
+        classes=classes,
+        n=len(truth),
+        accuracy=float(np.trace(confusion) / len(truth)),
+        macro_f1=float(f1[present].mean()),
+        per_class={
+            name: ClassScores(float(precision[i]), float(recall[i]), float(f1[i]), int(confusion[i].sum()))
+            for i, name in enumerate(classes)
+        },
+        confusion=tuple(tuple(int(v) for v in row) for row in confusion),
+        ece=expected_calibration_error(truth, proba),
+        f1_ci_low=low,
+        f1_ci_high=high,
+        absent_classes=tuple(name for name, here in zip(classes, present, strict=True) if not here),
+        bootstrap=bootstrap,
+    )
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Σ_b (n_b / N)·|accuracy_b − mean confidence_b| over equal-width bins of the top-class confidence."""
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_true
+    bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    confidence_sum = np.bincount(bin_index, weights=confidence, minlength=bins)
+    correct_sum = np.bincount(bin_index, weights=correct.astype(float), minlength=bins)
+    return float(np.abs(correct_sum - confidence_sum).sum() / len(y_true))
+
+
+def mcnemar(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int]) -> dict[str, Any]:
+    """McNemar's test of two models' paired predictions: b = only A right, c = only B right.
+
+    Exact two-sided binomial test when b + c < 25, else chi-square with continuity correction.
+    """
+    truth, a, b_pred = (np.asarray(v) for v in (y_true, pred_a, pred_b))
+    if not truth.shape == a.shape == b_pred.shape or truth.ndim != 1:
+        raise EvaluationError(f"mcnemar: shapes differ: {truth.shape}, {a.shape}, {b_pred.shape}")
+    a_right, b_right = a == truth, b_pred == truth
+    b = int(np.sum(a_right & ~b_right))
+    c = int(np.sum(~a_right & b_right))
+    if b + c == 0:
+        return {"statistic": 0.0, "p_value": 1.0, "b": b, "c": c, "method": "exact"}
+    if b + c < EXACT_MCNEMAR_MAX:
+        p_value = stats.binomtest(min(b, c), b + c, 0.5).pvalue
+        return {"statistic": float(min(b, c)), "p_value": float(p_value), "b": b, "c": c, "method": "exact"}
+    statistic = (abs(b - c) - 1) ** 2 / (b + c)
+    p_value = stats.chi2.sf(statistic, df=1)
+    return {"statistic": float(statistic), "p_value": float(p_value), "b": b, "c": c, "method": "chi2"}
+
+
+def confusion_matrix_figure(result: EvalResult) -> Figure:
+    """The confusion matrix (counts, row-normalised colour) as a matplotlib Figure (Agg, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(result.confusion)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.6 * len(result.classes)
+    figure = Figure(figsize=(size, size * 0.9), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(result.classes))
+    axes.set_xticks(ticks, result.classes, rotation=45, ha="right")
+    axes.set_yticks(ticks, result.classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for (row, col), value in np.ndenumerate(counts):
+        axes.text(
+            col,
+            row,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if rates[row, col] > 0.5 else "black",
+        )
+    axes.set_title(f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f} (n={result.n})")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="row share")
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix_png(result: EvalResult) -> bytes:
+    buffer = io.BytesIO()
+    confusion_matrix_figure(result).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def evaluate_model(
+    loaded_model: Any, store: ObjectStore, frame: pd.DataFrame, *, batch_size: int = 32, bootstrap: int = 1000
+) -> EvalResult:
+    """Re-evaluate a loaded model (`tracking.LoadedModel`) on the images of `frame` (columns `key`, `label`).
+
+    Labels must be classes of the model; undecodable objects are an error naming the key.
+    """
+    from pipelines.data.imagefacts import ImageDecodeError, decode_image
+
+    missing = {"key", "label"} - set(frame.columns)
+    if missing:
+        raise EvaluationError(f"evaluate_model: frame lacks columns {sorted(missing)}")
+    if frame.empty:
+        raise EvaluationError("evaluate_model: no images to evaluate")
+    classes = tuple(loaded_model.classes)
+    unknown = sorted(set(frame["label"]) - set(classes))
+    if unknown:
+        raise EvaluationError(f"evaluate_model: labels {unknown} are not classes of the model {list(classes)}")
+    probabilities = []
+    keys = list(frame["key"])
+    for start in range(0, len(keys), batch_size):
+        images = []
+        for key in keys[start : start + batch_size]:
+            try:
+                images.append(decode_image(store.get_bytes(key)).rgb)
+            except ImageDecodeError as error:
+                raise EvaluationError(f"evaluate_model: object {key}: {error}") from error
+        probabilities.append(np.asarray(loaded_model.predict_proba(images)))
+    return evaluate_predictions(list(frame["label"]), np.concatenate(probabilities), classes, bootstrap=bootstrap)
+
+
+def _check_inputs(
+    y_true: Sequence[int] | Sequence[str] | np.ndarray, proba: np.ndarray, classes: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[1] != len(classes):
+        raise EvaluationError(f"proba must be N×{len(classes)} (one column per class), got {proba.shape}")
+    truth = np.asarray(y_true)
+    if truth.ndim != 1 or len(truth) != len(proba) or len(truth) == 0:
+        raise EvaluationError(f"y_true must hold one label per proba row ({len(proba)}), got {truth.shape}")
+    if truth.dtype.kind in ("U", "S", "O"):
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({str(v) for v in truth} - set(index))
+        if unknown:
+            raise EvaluationError(f"labels {unknown} are not among the classes {list(classes)}")
+        truth = np.array([index[str(v)] for v in truth])
+    truth = truth.astype(int)
+    if truth.min() < 0 or truth.max() >= len(classes):
+        raise EvaluationError(f"class indices must be in [0, {len(classes)}), got {truth.min()}..{truth.max()}")
+    return truth, proba
+
+
+def _confusion(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(truth * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, -1)
+
+
+def _scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 (0 where undefined, as sklearn's zero_division=0)."""
+    hits = np.diagonal(confusion, axis1=-2, axis2=-1).astype(float)
+    predicted = confusion.sum(axis=-2)
+    actual = confusion.sum(axis=-1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    denominator = predicted + actual
+    f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
+    return precision, recall, f1
+
+
+def _bootstrap_macro_f1(
+    truth: np.ndarray, predicted: np.ndarray, num_classes: int, present: np.ndarray, rounds: int, seed: int
+) -> tuple[float, float]:
+    """Percentile 95% interval of macro-F1 (over the classes present in the full set) under resampling."""
+    if rounds <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    cells = truth * num_classes + predicted
+    samples = rng.integers(0, len(truth), size=(rounds, len(truth)))
+    offsets = (np.arange(rounds) * num_classes**2)[:, None]
+    confusions = np.bincount((cells[samples] + offsets).ravel(), minlength=rounds * num_classes**2)
+    _, _, f1 = _scores(confusions.reshape(rounds, num_classes, num_classes))
+    macro = f1[:, present].mean(axis=1)
+    low, high = np.percentile(macro, [2.5, 97.5])
+    return float(low), float(high)

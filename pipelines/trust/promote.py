@@ -1,0 +1,523 @@
+"""Promotion, selection, sign-off and rollback of trained runs; the gate report and model card they leave.
+
+``promote_run`` reads a training run's metrics, finds the task's ``@champion``, re-evaluates it on the
+candidate's test split when the two were measured on different dataset versions, gates the candidate,
+stores the gate report (JSON + markdown) with the candidate's run, registers the run as a version of
+``leukops-<task>`` tagged with the gate's key results, and moves aliases as the very last step:
+
+- passed → ``@champion`` (the old champion becomes ``@previous``); with ``require_approval`` it waits as
+  ``@challenger`` until ``approve``;
+- failed but passed every value check → ``@challenger``; otherwise no alias.
+
+A refused candidate is still registered, so the registry holds every gate result (``list_models``).
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.core.errors import LeukopsError
+from pipelines.trust.gate import CandidateMetrics, GateDecision, decide
+from pipelines.io.registry import Registry, RunRecord, VersionRecord
+from pipelines.core.settings import Settings, get_settings
+from pipelines.core.taxonomy import get_task
+
+GATE_REPORT_JSON = "gate/report.json"
+GATE_REPORT_MD = "gate/report.md"
+MODEL_CARD = "model_card.md"
+EXPLAIN_DIR = "explain"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LIME_METRIC = "lime_nucleus_mass"  # the explain helper's LIME agreement: LIME's positive mass on the nucleus
+IMBALANCE_RATIO = 3.0  # largest / smallest class count above which the card warns about imbalance
+SMALL_TEST_SPLIT = 100
+KEY_CHECKS = ("macro_f1", "non_inferiority", "nucleus_enrichment", "shortcut_flip_rate")
+
+
+class PromotionError(LeukopsError):
+    pass
+
+
+@dataclass(frozen=True)
+class Promotion:
+    run_id: str
+    task: str
+    version: str
+    decision: GateDecision
+    aliases: tuple[str, ...]
+    report_uri: str
+    model_card_uri: str | None
+
+    @property
+    def promoted(self) -> bool:
+        return "champion" in self.aliases
+
+    def to_dict(self) -> dict[str, Any]:
+        checks = [
+            {
+                "name": c.name,
+                "value": c.value,
+                "threshold": c.threshold,
+                "passed": c.passed,
+                "kind": c.kind,
+                "detail": c.detail,
+            }
+            for c in self.decision.checks
+        ]
+        return {
+            "promoted": self.promoted,
+            "version": int(self.version),
+            "aliases": list(self.aliases),
+            "checks": checks,
+            "passed": self.decision.passed,
+            "failed": self.decision.failed,
+            "awaiting_approval": self.decision.passed and not self.promoted,
+            "run_id": self.run_id,
+            "task": self.task,
+            "champion_before": self.decision.champion,
+            "gate_report": self.report_uri,
+            "model_card": self.model_card_uri,
+        }
+
+
+# --- pure pieces ------------------------------------------------------------------------------------
+
+
+def _metric(run: RunRecord, key: str) -> float | None:
+    return run.metrics.get(key)
+
+
+def _required_tag(run: RunRecord, key: str) -> str:
+    if not run.tags.get(key):
+        raise PromotionError(f"run {run.run_id} has no {key!r} tag; only leukops training runs can be promoted")
+    return run.tags[key]
+
+
+def candidate_metrics(run: RunRecord, version: str | None = None) -> CandidateMetrics:
+    """The gate's view of a training run, from the metric and tag names of the tracking contract."""
+    task = get_task(_required_tag(run, "task"))
+    low, high = _metric(run, "test_f1_ci_low"), _metric(run, "test_f1_ci_high")
+    return CandidateMetrics(
+        run_id=run.run_id,
+        task=task.name,
+        dataset_version=_required_tag(run, "dataset_version"),
+        classes=tuple(task.classes),
+        macro_f1=_metric(run, "test_macro_f1"),
+        class_recall={c: _metric(run, f"test_recall_{c}") for c in task.classes},
+        val_macro_f1=_metric(run, "val_macro_f1"),
+        f1_ci=(low, high) if low is not None and high is not None else None,
+        nucleus_enrichment=_metric(run, "gradcam_nucleus_enrichment"),
+        artefact_mass=_metric(run, "gradcam_artefact_mass"),
+        shortcut_flip_rate=_metric(run, "shortcut_flip_rate"),
+        lime_agreement=_metric(run, LIME_METRIC),
+        version=version,
+    )
+
+
+def version_tags(decision: GateDecision, report_uri: str) -> dict[str, str]:
+    """The gate's key results as registry version tags (strings, short enough for MLflow's limits)."""
+    checks = {c.name: c for c in decision.checks}
+    tags = {
+        "gate.passed": str(decision.passed).lower(),
+        "gate.passed_value_checks": str(decision.passed_value_checks).lower(),
+        "gate.failed": ",".join(decision.failed),
+        "gate.report": report_uri,
+        "gate.dataset_version": decision.dataset_version,
+        "gate.champion_version": (decision.champion or {}).get("version") or "",
+    }
+    for name in KEY_CHECKS:
+        if name in checks and checks[name].value is not None:
+            tags[f"gate.{name}"] = f"{checks[name].value:.4f}"
+    return tags
+
+
+def version_description(decision: GateDecision, report_uri: str, ui_url: str) -> str:
+    verdict = "passed" if decision.passed else f"refused ({', '.join(decision.failed)})"
+    key = ", ".join(f"{c.name}={_fmt(c.value)}" for c in decision.checks if c.name in KEY_CHECKS)
+    return (
+        f"Gate {verdict} on the test split of dataset {decision.dataset_version}: {key}. "
+        f"Gate report: {report_uri} ({ui_url})"
+    )
+
+
+def promotion_moves(aliases: dict[str, str], version: str, approval_required: bool) -> list[tuple[str, str | None]]:
+    """Alias moves that make ``version`` champion (or challenger awaiting sign-off), champion always valid.
+
+    @previous is set before @champion so that at every instant @champion names a real version: first
+    the old one, then in one MLflow call the new one.
+    """
+    if approval_required:
+        return [("challenger", version)]
+    moves: list[tuple[str, str | None]] = []
+    if aliases.get("champion"):
+        moves.append(("previous", aliases["champion"]))
+    moves.append(("champion", version))
+    if aliases.get("challenger") == version:
+        moves.append(("challenger", None))
+    return moves
+
+
+def gate_moves(
+    decision: GateDecision, aliases: dict[str, str], version: str, approval_required: bool
+) -> list[tuple[str, str | None]]:
+    """Passed: champion (or challenger awaiting sign-off); value checks only: challenger; else nothing."""
+    if decision.passed:
+        return promotion_moves(aliases, version, approval_required)
+    if decision.passed_value_checks:
+        return [("challenger", version)]
+    return []
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def known_limitations(run: RunRecord, counts: dict[str, dict[str, int]] | None, decision: GateDecision) -> list[str]:
+    notes = []
+    if run.tags.get("pretrained") == "false":
+        notes.append("Backbone trained from random initialisation (pretrained=false): no ImageNet weights were loaded.")
+    train = (counts or {}).get("train") or {}
+    ratio = max(train.values()) / max(min(train.values()), 1) if train else 0.0
+    if ratio >= IMBALANCE_RATIO:
+        notes.append(
+            f"Class imbalance in the training split (largest/smallest = {ratio:.1f}): "
+            "per-class recall matters more than accuracy."
+        )
+    test_total = sum(((counts or {}).get("test") or {}).values())
+    if counts and test_total < SMALL_TEST_SPLIT:
+        notes.append(f"Small test split ({test_total} images): metrics have wide confidence intervals.")
+    if decision.reported.get("gradcam_artefact_mass") is None:
+        notes.append("No Grad-CAM artefact mass was measured for this run.")
+    notes.append("Evaluated on images from the listed sources only; other labs, stains and scanners are untested.")
+    return notes
+
+
+def render_model_card(
+    run: RunRecord,
+    model_name: str,
+    version: str,
+    decision: GateDecision,
+    gate_markdown: str,
+    snapshot: dict[str, Any],
+    explain_images: Sequence[str],
+) -> str:
+    """The model card (markdown) of one registered version; ``snapshot`` has counts/sources or an error."""
+    task = get_task(decision.task)
+    m = run.metrics
+    counts = snapshot.get("counts")
+    lines = [
+        f"# Model card: {model_name} v{version}",
+        "",
+        f"Training run `{run.run_id}`. {task.description}",
+        "",
+        "## Task and classes",
+        "",
+        f"`{task.name}`: {', '.join(f'`{c}`' for c in task.classes)}",
+        "",
+        "## Data",
+        "",
+        f"- dataset version: `{decision.dataset_version}`",
+    ]
+    if counts:
+        lines += [
+            "",
+            "| split | " + " | ".join(task.classes) + " | total |",
+            "|---" * (len(task.classes) + 2) + "|",
+        ]
+        for split in ("train", "val", "test"):
+            row = counts.get(split, {})
+            lines.append(
+                f"| {split} | " + " | ".join(str(row.get(c, 0)) for c in task.classes) + f" | {sum(row.values())} |"
+            )
+        lines += [
+            "",
+            "- sources: " + ", ".join(f"`{s}` ({n})" for s, n in snapshot.get("sources", {}).items()),
+        ]
+    else:
+        lines.append(f"- split counts unavailable: {snapshot.get('error', 'no snapshot')}")
+    lines += [
+        "",
+        "## Backbone and training",
+        "",
+        f"- backbone: `{run.tags.get('backbone', '?')}`, "
+        f"pretrained: `{run.tags.get('pretrained', '?')}`, augmentation: `{run.tags.get('augment', '?')}`",
+    ]
+    lines += [f"- {k}: `{v}`" for k, v in sorted(run.params.items())]
+    lines += [
+        "",
+        "## Test metrics",
+        "",
+        f"- macro-F1: {_fmt(m.get('test_macro_f1'))} "
+        f"(95% CI {_fmt(m.get('test_f1_ci_low'))}–{_fmt(m.get('test_f1_ci_high'))})",
+        f"- accuracy: {_fmt(m.get('test_accuracy'))}; validation macro-F1: {_fmt(m.get('val_macro_f1'))}",
+        f"- calibration: ECE {_fmt(m.get('test_ece'))}, Brier {_fmt(m.get('test_brier'))}",
+        "",
+        "| class | precision | recall | F1 |",
+        "|---|---|---|---|",
+    ]
+    for c in task.classes:
+        lines.append(
+            f"| {c} | "
+            + " | ".join(_fmt(m.get(f"test_{metric}_{c}")) for metric in ("precision", "recall", "f1"))
+            + " |"
+        )
+    lines += ["", "## Explanations", ""]
+    lines += [f"![{p}]({p})" for p in explain_images] or ["No explanation images were logged for this run."]
+    lines += [
+        "",
+        "## Gate report",
+        "",
+        gate_markdown.replace("# Promotion gate", "### Promotion gate"),
+        "## Known limitations",
+        "",
+    ]
+    lines += [f"- {note}" for note in known_limitations(run, counts, decision)]
+    return "\n".join(lines) + "\n"
+
+
+# --- adapters -----------------------------------------------------------------------------------------
+
+
+def _actor(settings: Settings) -> str:
+    return settings.actor or getpass.getuser()
+
+
+def _ui_url(settings: Settings, run: RunRecord, artifact: str) -> str:
+    base = settings.mlflow_tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}/artifacts/{artifact}"
+
+
+def _snapshot_summary(settings: Settings, task: str, version: str) -> dict[str, Any]:
+    """Split counts (split -> class -> n) and images per source of the dataset version, or why not."""
+    from pipelines.data.snapshot import load_snapshot
+    from pipelines.io.storage import ObjectStore
+
+    try:
+        snap = load_snapshot(ObjectStore.from_settings(settings), task, version)
+    except LeukopsError as err:
+        return {"error": str(err)}
+    sources = snap.frame["source"].value_counts()
+    return {"counts": snap.counts, "sources": {str(k): int(v) for k, v in sources.items()}}
+
+
+def _reevaluated_champion(settings: Settings, champ: CandidateMetrics, dataset_version: str) -> CandidateMetrics:
+    """The champion measured again on the test split of ``dataset_version`` (the candidate's)."""
+    from pipelines.model.evaluate import evaluate_model
+    from pipelines.data.snapshot import load_snapshot
+    from pipelines.io.storage import ObjectStore
+    from pipelines.io.tracking import load_model
+
+    store = ObjectStore.from_settings(settings)
+    snap = load_snapshot(store, champ.task, dataset_version)
+    test = snap.frame[snap.frame["split"] == "test"]
+    if test.empty:
+        raise PromotionError(f"dataset {dataset_version} of task {champ.task} has no test split to re-evaluate on")
+    result = evaluate_model(load_model(f"runs:/{champ.run_id}/model", settings=settings), store, test)
+    return CandidateMetrics(
+        run_id=champ.run_id,
+        task=champ.task,
+        dataset_version=dataset_version,
+        classes=champ.classes,
+        macro_f1=result.macro_f1,
+        class_recall={c: scores.recall for c, scores in result.per_class.items()},
+        f1_ci=(result.f1_ci_low, result.f1_ci_high),
+        version=champ.version,
+        origin="re-evaluated",
+    )
+
+
+def _champion(registry: Registry, settings: Settings, task: str, dataset_version: str) -> CandidateMetrics | None:
+    version = registry.aliases(task).get("champion")
+    if version is None:
+        return None
+    record = registry.version(task, version)
+    champ = candidate_metrics(registry.read_run(record.run_id), version=version)
+    if champ.dataset_version == dataset_version:
+        return champ
+    return _reevaluated_champion(settings, champ, dataset_version)
+
+
+def _gate(registry: Registry, settings: Settings, run: RunRecord) -> tuple[CandidateMetrics, GateDecision]:
+    candidate = candidate_metrics(run)
+    current = registry.aliases(candidate.task).get("champion")
+    if current is not None and registry.version(candidate.task, current).run_id == run.run_id:
+        raise PromotionError(
+            f"run {run.run_id} is already @champion ({registry.model_name(candidate.task)} v{current})"
+        )
+    champion = _champion(registry, settings, candidate.task, candidate.dataset_version)
+    return candidate, decide(candidate, champion, settings.gate)
+
+
+def _store_reports(registry: Registry, run: RunRecord, decision: GateDecision) -> str:
+    registry.log_text(run.run_id, decision.to_markdown(), GATE_REPORT_MD)
+    return registry.log_text(run.run_id, decision.to_json(), GATE_REPORT_JSON)
+
+
+def _write_model_card(
+    registry: Registry, settings: Settings, run: RunRecord, version: VersionRecord, decision: GateDecision
+) -> str:
+    images = [p for p in registry.list_artifacts(run.run_id, EXPLAIN_DIR) if p.lower().endswith(IMAGE_SUFFIXES)]
+    card = render_model_card(
+        run,
+        version.name,
+        version.version,
+        decision,
+        decision.to_markdown(),
+        _snapshot_summary(settings, decision.task, decision.dataset_version),
+        images,
+    )
+    uri = registry.log_text(run.run_id, card, MODEL_CARD)
+    registry.tag_version(decision.task, version.version, {"model_card": uri})
+    return uri
+
+
+def _promote_one(registry: Registry, settings: Settings, run: RunRecord, reason: str) -> Promotion:
+    candidate, decision = _gate(registry, settings, run)
+    task = candidate.task
+    report_uri = _store_reports(registry, run, decision)
+    description = version_description(decision, report_uri, _ui_url(settings, run, GATE_REPORT_MD))
+    tags = version_tags(decision, report_uri) | {"gate.by": _actor(settings), "gate.reason": reason}
+    version = registry.register(task, run, tags, description)
+    card_uri = _write_model_card(registry, settings, run, version, decision) if decision.passed else None
+    registry.set_run_tags(
+        run.run_id,
+        {"leukops.gate": "passed" if decision.passed else "refused", "leukops.version": version.version},
+    )
+    before = registry.aliases(task)
+    if before.get("champion") != (decision.champion or {}).get("version"):
+        raise PromotionError(
+            f"@champion of {registry.model_name(task)} moved to v{before.get('champion')} while run "
+            f"{run.run_id} was being gated; promote it again to gate it against the new champion"
+        )
+    moves = gate_moves(decision, before, version.version, settings.require_approval)
+    after = before
+    if moves:
+        action = "promote" if decision.passed and not settings.require_approval else "challenger"
+        after = registry.move_aliases(
+            task, moves, {"action": action, "who": _actor(settings), "why": reason, "run_id": run.run_id}
+        )
+    aliases = tuple(sorted(a for a, v in after.items() if v == version.version))
+    return Promotion(run.run_id, task, version.version, decision, aliases, report_uri, card_uri)
+
+
+# --- entry points --------------------------------------------------------------------------------------
+
+
+def promote_run(run_id: str, reason: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Gate one training run and register it; on pass it becomes @champion (@challenger if sign-off is on)."""
+    settings = settings or get_settings()
+    registry = Registry.from_settings(settings)
+    return _promote_one(registry, settings, registry.read_run(run_id), reason).to_dict()
+
+
+def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Rank runs by validation macro-F1 (never test), gate them in that order; the first that passes wins."""
+    settings = settings or get_settings()
+    registry = Registry.from_settings(settings)
+    runs = [registry.read_run(r) for r in dict.fromkeys(run_ids)]
+    if not runs:
+        raise PromotionError("no runs to select from")
+    tasks = {_required_tag(r, "task") for r in runs}
+    if len(tasks) > 1:
+        raise PromotionError(f"runs of several tasks ({', '.join(sorted(tasks))}) cannot be ranked together")
+    unranked = [r.run_id for r in runs if "val_macro_f1" not in r.metrics]
+    if unranked:
+        raise PromotionError(f"runs without val_macro_f1 cannot be ranked: {', '.join(unranked)}")
+    ranked = sorted(runs, key=lambda r: r.metrics["val_macro_f1"], reverse=True)
+    ranking = [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked]
+    task = next(iter(tasks))
+    champion = registry.aliases(task).get("champion")
+    champion_run = registry.version(task, champion).run_id if champion is not None else None
+    if champion_run in {r.run_id for r in runs}:  # a rerun after this selection already promoted one
+        return {"task": task, "promoted": True, "selected_run_id": champion_run, "version": int(champion),
+                "ranking": ranking, "results": [], "note": f"run {champion_run} is already @champion"}  # fmt: skip
+    results = []
+    for run in ranked:
+        result = _promote_one(
+            registry,
+            settings,
+            run,
+            f"{reason} (selected by val_macro_f1 rank {len(results) + 1}/{len(ranked)})",
+        )
+        results.append(result.to_dict())
+        if result.decision.passed:
+            break
+    chosen = next((r for r in results if r["passed"]), None)
+    return {
+        "task": task,
+        "promoted": bool(chosen and chosen["promoted"]),
+        "selected_run_id": chosen["run_id"] if chosen else None,
+        "version": chosen["version"] if chosen else None,
+        "ranking": ranking,
+        "results": results,
+    }
+
+
+def approve(task: str, version: str | int, reason: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Human sign-off: a version that passed the gate (against the current champion) becomes @champion."""
+    settings = settings or get_settings()
+    registry = Registry.from_settings(settings)
+    record = registry.version(task, str(version))
+    aliases = registry.aliases(task)
+    if record.tags.get("gate.passed") != "true":
+        raise PromotionError(
+            f"{record.name} v{record.version} did not pass the gate "
+            f"(failed: {record.tags.get('gate.failed') or 'not gated'})"
+        )
+    if aliases.get("champion") == record.version:
+        raise PromotionError(f"{record.name} v{record.version} is already @champion")
+    gated_against = record.tags.get("gate.champion_version") or None
+    if aliases.get("champion") != gated_against:
+        raise PromotionError(
+            f"{record.name} v{record.version} was gated against champion v{gated_against}, @champion is now "
+            f"v{aliases.get('champion')}; run `leukops promote --run-id {record.run_id}` again"
+        )
+    moves = promotion_moves(aliases, record.version, approval_required=False)
+    after = registry.move_aliases(
+        task,
+        moves,
+        {"action": "approve", "who": _actor(settings), "why": reason, "run_id": record.run_id or ""},
+    )
+    return {"task": task, "version": int(record.version), "promoted": True, "aliases": after}
+
+
+def rollback(task: str, reason: str, settings: Settings | None = None) -> dict[str, Any]:
+    """@champion goes back to @previous, which then holds the rolled-back version (a rollback undoes one)."""
+    settings = settings or get_settings()
+    registry = Registry.from_settings(settings)
+    aliases = registry.aliases(task)
+    name = registry.model_name(task)
+    if "champion" not in aliases or "previous" not in aliases:
+        raise PromotionError(
+            f"{name} has no @champion and @previous to roll back between (aliases: {aliases or 'none'})"
+        )
+    moves = [("champion", aliases["previous"]), ("previous", aliases["champion"])]
+    after = registry.move_aliases(task, moves, {"action": "rollback", "who": _actor(settings), "why": reason})
+    return {
+        "task": task,
+        "champion": int(after["champion"]),
+        "rolled_back": int(aliases["champion"]),
+        "aliases": after,
+    }
+
+
+def list_models(task: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Every version of the task's model with its aliases, gate results and audit trail."""
+    settings = settings or get_settings()
+    registry = Registry.from_settings(settings)
+    aliases = registry.aliases(task)
+    versions = [
+        {
+            "version": int(v.version),
+            "run_id": v.run_id,
+            "created_ms": v.created_ms,
+            "aliases": sorted(a for a, ver in aliases.items() if ver == v.version),
+            "gate": {k.removeprefix("gate."): val for k, val in sorted(v.tags.items()) if k.startswith("gate.")},
+            "model_card": v.tags.get("model_card"),
+            "audit": v.audit,
+        }
+        for v in registry.versions(task)
+    ]
+    return {"task": task, "name": registry.model_name(task), "aliases": aliases, "versions": versions}

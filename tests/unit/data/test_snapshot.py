@@ -1,0 +1,160 @@
+"""The pure snapshot core: stable splits, near-duplicate inheritance, groups, holdout exclusion."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, hamming, perceptual_hash
+from pipelines.data.snapshot import (
+    NEAR_DUPLICATE_BITS,
+    SnapshotError,
+    assign_splits,
+    build_snapshot,
+    dataset_version,
+    empty_ledger,
+    hash_split,
+    split_warnings,
+    training_candidates,
+)
+from pipelines.io.storage import sha256_hex
+
+TASK = "all_subtypes"
+
+
+def rows_from(paths: list[Path], source: str = "lab-a", label: str | None = None) -> pd.DataFrame:
+    rows = []
+    for path in paths:
+        data = path.read_bytes()
+        rows.append(_row(data, label or path.parent.name, source, decode_image(data).rgb))
+    return pd.DataFrame(rows).drop_duplicates("sha256").reset_index(drop=True)  # the Pro folder has exact pairs
+
+
+def _row(data: bytes, label: str, source: str, rgb: np.ndarray, patient: str | None = None) -> dict:
+    sha = sha256_hex(data)
+    facts = dict.fromkeys(FACT_COLUMNS, 1.0)
+    return {"sha256": sha, "key": f"raw/{sha}.jpg", "label": label, "source": source,
+            "phash": perceptual_hash(rgb), "patient_id": patient, **facts}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def taleqani(shared_data: Path) -> list[Path]:
+    root = shared_data / "all_taleqani"
+    return [p for c in ("Benign", "Early", "Pre", "Pro") for p in sorted((root / c).iterdir())[:50]]
+
+
+def test_hash_split_is_deterministic_and_close_to_80_10_10() -> None:
+    splits = Counter(hash_split(f"sha-{i}") for i in range(5000))
+    assert hash_split("abc") == hash_split("abc")
+    assert abs(splits["train"] / 5000 - 0.8) < 0.02
+    assert abs(splits["val"] / 5000 - 0.1) < 0.015 and abs(splits["test"] / 5000 - 0.1) < 0.015
+
+
+def test_ledger_split_is_never_changed(taleqani: list[Path]) -> None:
+    rows = rows_from(taleqani[:20])
+    first, ledger = assign_splits(rows.assign(group=None), empty_ledger())
+    forced = ledger.assign(split=["test" if s == "train" else "train" for s in ledger["split"]])
+    again, grown = assign_splits(rows.assign(group=None), forced)
+    assert list(again["split"]) == list(forced.set_index("sha256").loc[rows["sha256"], "split"])
+    assert len(grown) == len(forced)
+
+
+def test_reencoded_and_resized_copies_inherit_their_originals_split(taleqani: list[Path]) -> None:
+    originals = rows_from(taleqani[:40])
+    _, ledger = assign_splits(originals.assign(group=None), empty_ledger())
+    ledger = ledger.assign(split="val")  # a split no hash would give all 40 of them
+    copies = []
+    for path in taleqani[:40]:
+        rgb = decode_image(path.read_bytes()).rgb
+        small = cv2.resize(rgb, (200, 200), interpolation=cv2.INTER_AREA)
+        buffer = io.BytesIO()
+        Image.fromarray(small).save(buffer, "JPEG", quality=60)
+        copy_rgb = decode_image(buffer.getvalue()).rgb
+        assert hamming(perceptual_hash(rgb), perceptual_hash(copy_rgb)) <= NEAR_DUPLICATE_BITS
+        copies.append(_row(buffer.getvalue(), path.parent.name, "lab-b", copy_rgb))
+    assigned, grown = assign_splits(pd.DataFrame(copies).assign(group=None), ledger)
+    assert set(assigned["split"]) == {"val"}
+    assert set(grown.tail(40)["assigned_by"]) == {"near_duplicate"}
+
+
+def test_distinct_images_are_not_merged_but_consecutive_captures_are(taleqani: list[Path]) -> None:
+    rows = rows_from(taleqani)
+    hashes = list(rows["phash"])
+    lonely = [
+        all(hamming(h, o) > NEAR_DUPLICATE_BITS for j, o in enumerate(hashes) if j != i) for i, h in enumerate(hashes)
+    ]
+    _, ledger = assign_splits(rows[lonely].assign(group=None), empty_ledger())
+    assert len(ledger) > 150 and "near_duplicate" not in set(ledger["assigned_by"])
+    assigned, _ = assign_splits(rows.assign(group=None), empty_ledger())
+    captures = rows_from([p for p in taleqani if p.stem.endswith(("Pro-003", "Pro-004", "Pro-005"))])
+    assert assigned.set_index("sha256").loc[captures["sha256"], "split"].nunique() == 1
+
+
+def test_a_patients_images_share_one_split(taleqani: list[Path]) -> None:
+    rows = rows_from(taleqani[:30]).assign(group=[f"lab:p{i % 3}" for i in range(30)])
+    assigned, _ = assign_splits(rows, empty_ledger())
+    assert assigned.groupby("group")["split"].nunique().max() == 1
+
+
+def test_candidates_count_each_sha_once_and_drop_holdout_and_foreign_labels() -> None:
+    rows = pd.DataFrame(
+        {"sha256": ["a", "a", "b", "c", "d"], "label": ["Pre", "Pre", "Early", "Pre", "lymphocyte"],
+         "source": ["lab-b", "lab-a", "lab-a", "lab-a", "lab-a"]}
+    )  # fmt: skip
+    kept, excluded = training_candidates(rows, ("Benign", "Early", "Pre", "Pro"), {"c"})
+    assert list(kept["sha256"]) == ["a", "b"] and excluded == 1
+    assert kept.set_index("sha256").loc["a", "source"] == "lab-a"
+
+
+def test_snapshot_is_stable_when_a_second_source_arrives(taleqani: list[Path]) -> None:
+    first_rows = rows_from(taleqani[:100])
+    first = build_snapshot(TASK, first_rows, set(), empty_ledger(), {})
+    more = pd.concat([first_rows, rows_from(taleqani[100:], source="lab-b")], ignore_index=True)
+    second = build_snapshot(TASK, more, set(), first.ledger, {})
+    before = first.snapshot.frame.set_index("sha256")["split"]
+    after = second.snapshot.frame.set_index("sha256")["split"]
+    assert (after.loc[before.index] == before).all()
+    assert second.new_in_ledger == len(second.snapshot.frame) - len(first.snapshot.frame) > 80
+    assert second.snapshot.version != first.snapshot.version
+    again = build_snapshot(TASK, more, set(), second.ledger, {})
+    assert again.snapshot.version == second.snapshot.version and again.new_in_ledger == 0
+
+
+def test_holdout_shas_never_enter_and_the_output_says_so(taleqani: list[Path]) -> None:
+    rows = rows_from(taleqani[:60])
+    holdout = set(rows["sha256"][:5])
+    result = build_snapshot(TASK, rows, holdout, empty_ledger(), {})
+    assert not holdout & set(result.snapshot.frame["sha256"])
+    assert result.excluded_holdout == 5
+    assert any("holdout" in w for w in result.warnings)
+
+
+def test_counts_and_version_follow_the_rows(taleqani: list[Path]) -> None:
+    rows = rows_from(taleqani)
+    result = build_snapshot(TASK, rows, set(), empty_ledger(), {})
+    counts = result.snapshot.counts
+    assert sum(counts[s]["Early"] for s in counts) == 50
+    assert sum(sum(per.values()) for per in counts.values()) == len(result.snapshot.frame) == len(rows)
+    flipped = result.snapshot.frame.assign(split="test")
+    assert dataset_version(flipped) != result.snapshot.version
+
+
+def test_warnings_for_skewed_shares_and_imbalance() -> None:
+    counts = {"train": {"A": 100, "B": 10}, "val": {"A": 0, "B": 1}, "test": {"A": 25, "B": 1}}
+    warnings = split_warnings(counts, ("A", "B"))
+    assert any("class 'A': split shares" in w for w in warnings)
+    assert any("class imbalance" in w for w in warnings)
+    assert any("class 'B' has only 12 images" in w for w in warnings)
+
+
+def test_no_candidates_is_a_clear_error() -> None:
+    empty = pd.DataFrame(columns=["sha256", "label", "source"])
+    with pytest.raises(SnapshotError, match="no accepted images"):
+        build_snapshot(TASK, empty, set(), empty_ledger(), {})

@@ -1,0 +1,168 @@
+"""Evaluation metrics against sklearn and hand-computed values; McNemar on known tables; the adapter."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from pipelines.model.evaluate import (
+    EvaluationError,
+    confusion_matrix_png,
+    evaluate_model,
+    evaluate_predictions,
+    expected_calibration_error,
+    mcnemar,
+)
+
+CLASSES = ("Benign", "Early", "Pre", "Pro")
+
+
+def _noisy_predictions(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, len(CLASSES), n)
+    proba = rng.dirichlet(np.ones(len(CLASSES)), n)
+    proba[np.arange(n), truth] += rng.uniform(0, 1.2, n)
+    return truth, proba / proba.sum(axis=1, keepdims=True)
+
+
+def test_metrics_match_sklearn() -> None:
+    truth, proba = _noisy_predictions(300)
+    predicted = proba.argmax(axis=1)
+    result = evaluate_predictions(truth, proba, CLASSES, bootstrap=200)
+    assert result.n == 300
+    assert result.accuracy == pytest.approx(accuracy_score(truth, predicted))
+    assert result.macro_f1 == pytest.approx(f1_score(truth, predicted, average="macro"))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, zero_division=0)
+    for i, name in enumerate(CLASSES):
+        scores = result.per_class[name]
+        assert (scores.precision, scores.recall, scores.f1) == pytest.approx((precision[i], recall[i], f1[i]))
+        assert scores.support == support[i]
+    assert np.array_equal(np.asarray(result.confusion), confusion_matrix(truth, predicted))
+
+
+def test_string_labels_and_flat_metric_names() -> None:
+    truth, proba = _noisy_predictions(80, seed=2)
+    by_index = evaluate_predictions(truth, proba, CLASSES, bootstrap=50)
+    by_name = evaluate_predictions([CLASSES[i] for i in truth], proba, CLASSES, bootstrap=50)
+    assert by_name == by_index
+    metrics = by_index.to_metrics("test_")
+    expected = {"test_accuracy", "test_macro_f1", "test_f1_ci_low", "test_f1_ci_high", "test_ece"}
+    assert expected | {f"test_recall_{c}" for c in CLASSES} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+    json.dumps(by_index.to_dict())
+    assert "macro-F1" in by_index.classification_report()
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data() -> None:
+    small = evaluate_predictions(*_noisy_predictions(60), CLASSES, bootstrap=1000, seed=1)
+    large = evaluate_predictions(*_noisy_predictions(1000), CLASSES, bootstrap=1000, seed=1)
+    for result in (small, large):
+        assert result.f1_ci_low < result.macro_f1 < result.f1_ci_high
+    assert large.f1_ci_high - large.f1_ci_low < small.f1_ci_high - small.f1_ci_low
+    again = evaluate_predictions(*_noisy_predictions(60), CLASSES, bootstrap=1000, seed=1)
+    assert (again.f1_ci_low, again.f1_ci_high) == (small.f1_ci_low, small.f1_ci_high)
+
+
+def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident() -> None:
+    n = 1000
+    truth = np.zeros(n, int)
+    calibrated = np.tile([0.8, 0.2], (n, 1))
+    predicted_wrong = np.arange(n) % 5 == 0  # exactly 20% wrong at 80% confidence
+    calibrated[predicted_wrong] = [0.2, 0.8]
+    assert expected_calibration_error(truth, calibrated) == pytest.approx(0.0, abs=1e-12)
+    overconfident = np.tile([0.99, 0.01], (n, 1))
+    overconfident[np.arange(n) % 2 == 0] = [0.01, 0.99]  # 50% right at 99% confidence
+    assert expected_calibration_error(truth, overconfident) == pytest.approx(0.49)
+
+
+def test_absent_classes_are_listed_and_left_out_of_macro_f1() -> None:
+    truth = np.array([0, 0, 1, 1, 1])
+    proba = np.eye(4)[[0, 0, 1, 1, 0]]
+    result = evaluate_predictions(truth, proba, CLASSES, bootstrap=0)
+    assert result.absent_classes == ("Pre", "Pro")
+    assert result.macro_f1 == pytest.approx(f1_score(truth, proba.argmax(1), labels=[0, 1], average="macro"))
+    assert "test_recall_Pre" not in result.to_metrics("test_")
+    assert np.isnan(result.f1_ci_low)
+
+
+def test_mcnemar_on_known_tables() -> None:
+    truth = np.zeros(100, int)
+    # b = 10 (only A right), c = 2 (only B right): exact two-sided binomial p = 2·P(X ≤ 2 | 12, ½)
+    pred_a = np.r_[np.zeros(10), np.ones(2), np.zeros(88)].astype(int)
+    pred_b = np.r_[np.ones(10), np.zeros(2), np.zeros(88)].astype(int)
+    exact = mcnemar(truth, pred_a, pred_b)
+    assert (exact["b"], exact["c"], exact["method"]) == (10, 2, "exact")
+    assert exact["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 2**12)
+    # b = 30, c = 10: chi-square with continuity correction, (|30 - 10| - 1)² / 40 = 9.025
+    pred_a = np.r_[np.zeros(30), np.ones(10), np.zeros(60)].astype(int)
+    pred_b = np.r_[np.ones(30), np.zeros(10), np.zeros(60)].astype(int)
+    chi2 = mcnemar(truth, pred_a, pred_b)
+    assert (chi2["b"], chi2["c"], chi2["method"]) == (30, 10, "chi2")
+    assert chi2["statistic"] == pytest.approx(9.025)
+    assert chi2["p_value"] == pytest.approx(0.002663, abs=1e-5)
+    assert mcnemar(truth, truth, truth)["p_value"] == 1.0
+    with pytest.raises(EvaluationError, match="shapes differ"):
+        mcnemar(truth, truth[:5], truth)
+
+
+def test_confusion_matrix_png_is_an_image() -> None:
+    result = evaluate_predictions(*_noisy_predictions(50), CLASSES, bootstrap=0)
+    png = confusion_matrix_png(result)
+    assert png.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(png)).size[0] > 200
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    with pytest.raises(EvaluationError, match="N×4"):
+        evaluate_predictions([0, 1], np.ones((2, 3)) / 3, CLASSES)
+    with pytest.raises(EvaluationError, match="one label per proba row"):
+        evaluate_predictions([0], np.ones((2, 4)) / 4, CLASSES)
+    with pytest.raises(EvaluationError, match="'Blast'"):
+        evaluate_predictions(["Blast", "Pre"], np.ones((2, 4)) / 4, CLASSES)
+    with pytest.raises(EvaluationError, match="class indices"):
+        evaluate_predictions([0, 7], np.ones((2, 4)) / 4, CLASSES)
+
+
+class _Store:
+    """In-memory stand-in for ObjectStore.get_bytes (the adapter's only call)."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.objects[key]
+
+
+class _RedOrBlueModel:
+    """Predicts "Benign" for reddish images, "Early" otherwise (a LoadedModel's predict_proba contract)."""
+
+    classes = ["Benign", "Early"]
+
+    def predict_proba(self, rgb_list: list[np.ndarray]) -> np.ndarray:
+        red = np.array([rgb[..., 0].mean() > rgb[..., 2].mean() for rgb in rgb_list], float)
+        return np.stack([red * 0.9 + 0.05, 0.95 - red * 0.9], axis=1)
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_evaluate_model_reads_decodes_and_scores_in_batches() -> None:
+    store = _Store({"r1": _png((200, 0, 0)), "r2": _png((190, 10, 0)), "b1": _png((0, 0, 200))})
+    frame = pd.DataFrame({"key": ["r1", "r2", "b1"], "label": ["Benign", "Early", "Early"]})
+    result = evaluate_model(_RedOrBlueModel(), store, frame, batch_size=2, bootstrap=0)
+    assert result.n == 3 and result.accuracy == pytest.approx(2 / 3)
+    assert result.confusion == ((1, 0), (1, 1))
+    store.objects["b1"] = b"not an image"
+    with pytest.raises(EvaluationError, match="object b1"):
+        evaluate_model(_RedOrBlueModel(), store, frame, bootstrap=0)
+    with pytest.raises(EvaluationError, match="'Pro'"):
+        evaluate_model(_RedOrBlueModel(), store, frame.assign(label="Pro"), bootstrap=0)

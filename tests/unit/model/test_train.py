@@ -1,0 +1,226 @@
+"""The training loop on tiny synthetic data: learning, staged freezing, early stopping, budget, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pipelines.data.datasets import ImageFileDataset, limit_rows, make_loader
+from pipelines.model.train import Stage, TrainConfig, fine_tuning_stages, fit, run_key
+
+CPU = torch.device("cpu")
+
+
+def _colour_images(n: int, seed: int) -> TensorDataset:
+    """Class k = a noisy 16x16 image whose mean in channel k is raised: learnable in a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = torch.randn(n, 3, 16, 16, generator=gen) * 0.5
+    images[torch.arange(n), labels] += 1.0
+    return TensorDataset(images, labels)
+
+
+def _tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+def _loaders(seed: int = 0):
+    train = make_loader(_colour_images(96, 1), batch_size=16, train=True, device=CPU, seed=seed, workers=0)
+    val = make_loader(_colour_images(30, 2), batch_size=16, train=False, device=CPU, seed=seed, workers=0)
+    return train, val
+
+
+def _fit(config: TrainConfig, **kwargs):
+    train, val = _loaders(config.seed)
+    stages = kwargs.pop("stages", [Stage("full", config.epochs, config.lr, ("",))])
+    return fit(_tiny_net(), train, val, stages=stages, config=config, device=CPU, **kwargs)
+
+
+def test_fit_learns_and_returns_best_epoch_weights() -> None:
+    result = _fit(TrainConfig(epochs=4, lr=0.05, patience=10))
+    assert result.stop_reason == "completed"
+    assert len(result.history) == 4
+    assert result.best_val_f1 >= 0.8
+    assert result.best_val_f1 == max(r.val_macro_f1 for r in result.history)
+    assert result.history[result.best_epoch].val_macro_f1 == result.best_val_f1
+    assert result.images_per_s > 0
+
+
+def test_head_stage_trains_only_the_head_and_keeps_frozen_batchnorm_stats() -> None:
+    model = _tiny_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(epochs=1, lr=0.05)
+    train, val = _loaders()
+    fit(model, train, val, stages=[Stage("head", 1, 0.05, ("8",))], config=config, device=CPU)
+    after = model.state_dict()
+    assert not torch.equal(before["8.weight"], after["8.weight"])
+    for frozen in ("0.weight", "3.weight", "1.running_mean", "4.running_var"):
+        assert torch.equal(before[frozen], after[frozen]), frozen
+
+
+def test_fine_tuning_plan_for_pretrained_and_random_init() -> None:
+    config = TrainConfig(epochs=6, lr=1e-3, head_epochs=2)
+    blocks = ["blocks.1", "blocks.2"]
+    head, finetune = fine_tuning_stages(config, pretrained=True, head=["classifier"], finetune=blocks)
+    assert (head.name, head.epochs, head.lr, head.trainable) == ("head", 2, 1e-3, ("classifier",))
+    assert finetune.epochs == 4 and finetune.lr == pytest.approx(1e-4)
+    assert finetune.trainable == ("blocks.1", "blocks.2", "classifier")
+    (full,) = fine_tuning_stages(config, pretrained=False, head=["classifier"], finetune=blocks)
+    (only_finetune,) = fine_tuning_stages(TrainConfig(epochs=1), pretrained=True, head=["h"], finetune=["b"])
+    assert only_finetune.name == "finetune" and only_finetune.epochs == 1
+    assert (full.epochs, full.trainable) == (6, ("",))
+
+
+def test_early_stopping_stops_after_patience_without_improvement() -> None:
+    # lr=0: the weights never change (only BatchNorm statistics drift), so F1 soon stops improving
+    result = _fit(TrainConfig(epochs=20, lr=0.0, patience=2))
+    assert result.stop_reason == "early_stopping"
+    assert len(result.history) == result.best_epoch + 1 + 2
+    assert all(r.val_macro_f1 <= result.best_val_f1 for r in result.history[result.best_epoch + 1 :])
+
+
+def test_time_budget_ends_the_run_with_the_best_checkpoint(tmp_path) -> None:
+    result = _fit(TrainConfig(epochs=50, lr=0.05, time_budget_min=0.0005), checkpoint_path=tmp_path / "c.pt")
+    assert result.stop_reason == "time_budget"
+    assert 1 <= len(result.history) < 50
+    assert result.best_state and result.best_val_f1 == max(r.val_macro_f1 for r in result.history)
+
+
+class _CrashAt:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, record) -> None:
+        if record.epoch == self.epoch:
+            raise RuntimeError("injected crash")
+
+
+def test_resume_after_a_crash_continues_from_the_checkpoint_epoch(tmp_path) -> None:
+    config = TrainConfig(epochs=5, lr=0.05, patience=10)
+    path = tmp_path / "run.pt"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _fit(config, checkpoint_path=path, callbacks=[_CrashAt(2)])
+    assert path.exists()  # epochs 0 and 1 were checkpointed before the crash in epoch 2's callback
+    resumed = _fit(config, checkpoint_path=path)
+    assert resumed.resumed_from_epoch == 2
+    assert [r.epoch for r in resumed.history] == [0, 1, 2, 3, 4]
+    uninterrupted = _fit(config)
+    assert resumed.best_val_f1 >= max(r.val_macro_f1 for r in resumed.history[:2])
+    assert resumed.best_val_f1 == pytest.approx(uninterrupted.best_val_f1)
+    assert resumed.history[-1].val_loss == pytest.approx(uninterrupted.history[-1].val_loss, rel=1e-4)
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path) -> None:
+    path = tmp_path / "run.pt"
+    _fit(TrainConfig(epochs=1, lr=0.05), checkpoint_path=path)
+    other = _fit(TrainConfig(epochs=2, lr=0.01), checkpoint_path=path)
+    assert other.resumed_from_epoch is None
+    assert len(other.history) == 2
+
+
+def test_run_key_is_deterministic_and_config_sensitive() -> None:
+    assert run_key({"a": 1, "b": "x"}) == run_key({"b": "x", "a": 1})
+    assert run_key({"a": 1}) != run_key({"a": 2})
+
+
+def test_image_file_dataset_decodes_real_files(tmp_path) -> None:
+    import cv2
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.full((10, 12, 3), 40 * i, np.uint8))
+        paths.append(path)
+    dataset = ImageFileDataset(paths, [0, 1], lambda rgb: torch.from_numpy(rgb.copy()).permute(2, 0, 1).float())
+    image, label = dataset[1]
+    assert image.shape == (3, 10, 12) and label == 1 and float(image.mean()) == 40.0
+
+
+def test_limit_rows_keeps_every_split_and_class_deterministically() -> None:
+    frame = pd.DataFrame(
+        {
+            "sha256": [f"{i:064x}" for i in range(200)],
+            "label": ["a", "b"] * 100,
+            "split": ["train"] * 160 + ["val"] * 20 + ["test"] * 20,
+        }
+    )
+    small = limit_rows(frame, 20)
+    assert 16 <= len(small) <= 24
+    assert set(zip(small["split"], small["label"], strict=True)) == {
+        (s, c) for s in ("train", "val", "test") for c in ("a", "b")
+    }
+    assert small.equals(limit_rows(frame.sample(frac=1, random_state=3), 20))
+
+
+class _DictStore:
+    """The two ObjectStore methods the cache uses, over a dict, counting reads."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects, self.reads = objects, 0
+
+    def get_bytes(self, key: str) -> bytes:
+        self.reads += 1
+        return self.objects[key]
+
+    def uri(self, key: str) -> str:
+        return f"s3://test/{key}"
+
+
+def test_fill_cache_downloads_once_verifies_hashes_and_keeps_row_order(tmp_path) -> None:
+    import hashlib
+
+    from pipelines.data.datasets import CacheIntegrityError, fill_cache
+
+    blobs = [b"first image", b"second image"]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    frame = pd.DataFrame({"sha256": shas, "key": [f"raw/{s}.jpg" for s in shas]})
+    store = _DictStore(dict(zip(frame["key"], blobs, strict=True)))
+    paths = fill_cache(store, frame, tmp_path)
+    assert [p.read_bytes() for p in paths] == blobs
+    assert paths[0] == tmp_path / "sha256" / shas[0][:2] / shas[0][2:4] / f"{shas[0]}.jpg"
+    assert fill_cache(store, frame, tmp_path) == paths and store.reads == 2
+    bad = pd.DataFrame({"sha256": ["0" * 64], "key": [frame["key"][0]]})
+    with pytest.raises(CacheIntegrityError, match="hashes to"):
+        fill_cache(store, bad, tmp_path)
+    assert not list((tmp_path / "sha256" / "00").glob("**/*.jpg"))
+
+
+def test_stages_for_real_backbones() -> None:
+    from pipelines.model.backbones import create_backbone
+    from pipelines.model.candidate import stages_for
+
+    config = TrainConfig(epochs=4, head_epochs=1, unfreeze_blocks=1)
+    (full,) = stages_for(create_backbone("custom_cnn", 4, pretrained=False, image_size=32), config)
+    assert full.trainable == ("",)
+    lite = create_backbone("efficientnet_lite0", 4, pretrained=True, image_size=64)
+    head, finetune = stages_for(lite, config)
+    assert (head.name, head.epochs, head.trainable) == ("head", 1, ("head",))
+    assert finetune.epochs == 3 and "head" in finetune.trainable
+    assert any(name.startswith("encoder.blocks.6") for name in finetune.trainable)
+    assert not any(name.startswith(("encoder.conv_stem", "encoder.blocks.0")) for name in finetune.trainable)
+    assert all(p.requires_grad for p in lite.model.parameters())  # planning leaves the module untouched
+
+
+@pytest.mark.parametrize("budget", [5, 12, 13, 40, 41])
+def test_limit_rows_never_exceeds_the_budget_and_keeps_every_cell_when_it_can(budget):
+    import hashlib
+
+    rows = [
+        {"sha256": hashlib.sha256(f"{split}{label}{i}".encode()).hexdigest(), "split": split, "label": label}
+        for split, per_label in (("train", 33), ("val", 4), ("test", 5))
+        for label in "ABCD"
+        for i in range(per_label + (label == "A"))
+    ]
+    kept = limit_rows(pd.DataFrame(rows), budget)
+    assert len(kept) == budget
+    if budget >= 12:
+        assert kept.groupby(["split", "label"]).ngroups == 12

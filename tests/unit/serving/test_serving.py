@@ -1,0 +1,314 @@
+"""Serving app on a real tiny timm model (custom_cnn, 64 px) built through the backbone factory.
+
+The model source here is an in-memory registry of real ``LoadedModel`` versions with a movable alias (the
+registry-backed source is exercised against the real MLflow server in tests/integration/test_serving.py).
+Requests go through the real ASGI app with Starlette's TestClient (lifespan included).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pipelines.model.backbones import create_backbone
+from pipelines.data.imagefacts import FACT_COLUMNS
+from pipelines.model.preprocess import preprocessing_from
+from pipelines.core.settings import Settings
+from pipelines.core.taxonomy import get_task
+from pipelines.io.tracking import LoadedModel, ModelBundle
+from serving.app import create_app
+from serving.explain import heatmap_on_input, roi_box
+from serving.model import BatchPredictor, ModelHolder, ModelVersion, ServedModel, forward
+from serving.requestlog import CONTRACT_COLUMNS, LoggedRequest, part_key, rows_by_date, to_row
+
+TASK = "all_subtypes"
+TOKEN = "unit-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def tiny_model(seed: int, size: int = 64) -> LoadedModel:
+    torch.manual_seed(seed)
+    classes = get_task(TASK).classes
+    backbone = create_backbone("custom_cnn", len(classes), pretrained=False, image_size=size)
+    preprocessing = preprocessing_from(backbone.data_config, mask_corner=True)
+    bundle = ModelBundle.for_backbone(TASK, classes, backbone, preprocessing)
+    module = backbone.model.eval()
+    return LoadedModel(module, backbone, TASK, list(classes), preprocessing, f"run-{seed}", bundle)
+
+
+class AliasSource:
+    """Versions held in memory and one alias that tests move (``broken`` versions fail to load)."""
+
+    name = f"leukops-{TASK}"
+    task = TASK
+
+    def __init__(self) -> None:
+        self.models: dict[str, LoadedModel] = {}
+        self.broken: set[str] = set()
+        self.alias: str | None = None
+        self.loads = 0
+
+    def resolve(self) -> str:
+        if self.alias is None:
+            raise LookupError(f"{self.name} has no @champion")
+        return self.alias
+
+    def describe(self, version: str) -> ModelVersion:
+        tags = {"gate.passed": "true", "gate.macro_f1": "0.91", "dataset_version": "ds1"}
+        return ModelVersion(self.name, version, ("champion",) if version == self.alias else (), tags,
+                            f"run-{version}")
+
+    def load(self, version: str) -> LoadedModel:
+        self.loads += 1
+        if version in self.broken:
+            raise RuntimeError(f"weights of version {version} are unreadable")
+        return self.models[version]
+
+
+@pytest.fixture(scope="module")
+def source() -> AliasSource:
+    src = AliasSource()
+    src.models = {"1": tiny_model(1), "2": tiny_model(2), "3": tiny_model(3)}
+    src.alias = "1"
+    return src
+
+
+@pytest.fixture(scope="module")
+def unit_settings() -> Settings:
+    return Settings(profile="test", s3_access_key="k", s3_secret_key="s", api_token=TOKEN, serve_task=TASK,
+                    max_upload_mb=0.5, max_pixels=2_000_000, reload_interval_s=3600, serve_batch_wait_ms=20)
+
+
+@pytest.fixture(scope="module")
+def client(unit_settings, source):
+    with TestClient(create_app(unit_settings, source, log_requests=False)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def smear(shared_data: Path) -> tuple[str, bytes]:
+    path = sorted((shared_data / "all_taleqani" / "Pre").iterdir())[0]
+    return path.name, path.read_bytes()
+
+
+def _post(client: TestClient, name: str, data: bytes, query: str = "", headers=AUTH):
+    return client.post(f"/v1/predict{query}", files={"file": (name, data, "image/jpeg")}, headers=headers)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", rgb)[1].tobytes()
+
+
+def test_predict_returns_a_distribution_over_the_task_classes(client, smear, source) -> None:
+    response = _post(client, *smear)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    probabilities = body["probabilities"]
+    assert list(probabilities) == list(get_task(TASK).classes)
+    assert all(0.0 <= p <= 1.0 for p in probabilities.values())
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["predicted_class"] == max(probabilities, key=probabilities.get)
+    assert body["confidence"] == pytest.approx(max(probabilities.values()))
+    assert body["model"] == {"name": f"leukops-{TASK}", "version": "1", "task": TASK, "run_id": "run-1"}
+    assert body["latency_ms"] > 0 and body["explanation"] is None
+
+
+def test_served_probabilities_equal_the_loaded_models_own(client, smear, source) -> None:
+    rgb = np.asarray(Image.open(io.BytesIO(smear[1])).convert("RGB"))
+    expected = source.models["1"].predict_proba([rgb])[0]
+    served = np.array(list(_post(client, *smear).json()["probabilities"].values()))
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_explain_returns_a_png_overlay_of_the_input_size_and_localization(client, smear) -> None:
+    response = _post(client, *smear, query="?explain=gradcam")
+    assert response.status_code == 200, response.text
+    explanation = response.json()["explanation"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (224, 224)
+    assert (explanation["width"], explanation["height"]) == (224, 224)
+    figures = explanation["localization"]
+    for key in ("nucleus_mass", "nucleus_area_share", "nucleus_enrichment", "corner_mass", "artefact_mass"):
+        assert 0.0 <= figures[key] <= (50.0 if key.endswith("enrichment") else 1.0), key
+    assert explanation["target_class"] == response.json()["predicted_class"]
+
+
+def test_missing_or_wrong_token_is_refused_with_401(client, smear) -> None:
+    no_token = _post(client, *smear, headers={})
+    assert no_token.status_code == 401 and no_token.headers["www-authenticate"] == "Bearer"
+    assert _post(client, *smear, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/model").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "status", "words"),
+    [
+        ("empty.jpg", b"", 400, "empty"),
+        ("notes.txt", b"this is not an image, it is a note", 415, "not_an_image"),
+        ("corrupt.jpg", _jpeg(np.full((64, 64, 3), 90, np.uint8))[:200] + b"\x13" * 2000, 422, "decoded"),
+        ("huge.png", _png(np.zeros((1500, 1500, 3), np.uint8)), 413, "too_many_pixels"),
+        ("sliver.png", _png(np.full((1, 300, 3), 200, np.uint8)), 422, "too small"),
+    ],
+)
+def test_bad_images_get_a_4xx_naming_the_reason(client, name, payload, status, words) -> None:
+    response = _post(client, name, payload)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"] and name in response.json()["detail"]
+
+
+def test_truncated_jpeg_and_oversize_upload_and_missing_field_are_4xx(client, smear) -> None:
+    truncated = _post(client, "cut.jpg", smear[1][: len(smear[1]) // 2])
+    assert truncated.status_code == 422 and "truncated" in truncated.json()["detail"]
+    noise = np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)
+    too_big = _post(client, "big.png", _png(noise))  # ~1.4 MB > the 0.5 MB cap
+    assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+    wrong_field = client.post("/v1/predict", files={"image": ("a.jpg", smear[1])}, headers=AUTH)
+    assert wrong_field.status_code == 422 and "'file'" in wrong_field.json()["detail"]
+    raw_headers = {**AUTH, "Content-Type": "image/jpeg"}
+    not_multipart = client.post("/v1/predict", content=smear[1], headers=raw_headers)
+    assert not_multipart.status_code == 415
+
+
+def test_model_endpoint_reports_version_aliases_preprocessing_and_gate(client, source) -> None:
+    body = client.get("/v1/model", headers=AUTH).json()
+    assert body["version"] == "1" and body["aliases"] == ["champion"] and body["task"] == TASK
+    assert body["classes"] == list(get_task(TASK).classes)
+    assert body["preprocessing"] == source.models["1"].preprocessing
+    assert body["preprocessing"]["mask_corner"] is True
+    assert body["gate"] == {"passed": "true", "macro_f1": "0.91"}
+
+
+def test_probes_metrics_and_openapi(client, smear) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    _post(client, "empty.jpg", b"")
+    text = client.get("/metrics").text
+    assert 'leukops_requests_total{method="POST",route="/v1/predict",status="200"}' in text
+    assert 'leukops_request_errors_total{method="POST",route="/v1/predict",status="400"}' in text
+    assert 'leukops_request_latency_seconds_bucket{le="0.5",method="POST",route="/v1/predict"}' in text
+    assert "leukops_model_version 1.0" in text
+    assert 'leukops_predictions_total{predicted_class="' in text
+    schema = client.get("/openapi.json").json()
+    assert "multipart/form-data" in schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+
+
+def test_moving_the_alias_hot_reloads_and_a_broken_version_keeps_the_old_model(unit_settings, smear) -> None:
+    src = AliasSource()
+    src.models = {"1": tiny_model(1), "2": tiny_model(2), "3": tiny_model(3)}
+    src.alias = "1"
+    src.broken = {"3"}
+    app = create_app(unit_settings, src, log_requests=False)
+    with TestClient(app) as client:
+        holder: ModelHolder = app.state.services.holder
+        in_flight = holder.require()  # a request that started on version 1
+        src.alias = "2"
+        assert holder.check_for_update() is True
+        assert _post(client, *smear).json()["model"]["version"] == "2"
+        rgb = np.asarray(Image.open(io.BytesIO(smear[1])).convert("RGB"))
+        old_proba, _ = forward(in_flight, in_flight.model.batch([rgb]), with_embeddings=False)
+        np.testing.assert_allclose(old_proba[0], src.models["1"].predict_proba([rgb])[0], atol=1e-5)
+        src.alias = "3"
+        assert holder.check_for_update() is False
+        ready = client.get("/readyz").json()
+        assert ready["version"] == "2" and ready["failed_version"] == "3"
+        assert "unreadable" in ready["reload_error"]
+        assert _post(client, *smear).json()["model"]["version"] == "2"
+        loads = src.loads
+        holder.check_for_update()
+        assert src.loads == loads  # a version that failed is not retried until the alias moves again
+        src.alias = "1"
+        holder.check_for_update()
+        assert client.get("/readyz").json()["reload_error"] is None
+
+
+def test_poller_picks_up_a_new_champion_without_restart(unit_settings, smear) -> None:
+    src = AliasSource()
+    src.models = {"1": tiny_model(1), "2": tiny_model(2)}
+    src.alias = "1"
+    with TestClient(create_app(unit_settings.model_copy(update={"reload_interval_s": 0.05}), src,
+                               log_requests=False)) as client:
+        src.alias = "2"
+        for _ in range(100):
+            if client.get("/readyz").json()["version"] == "2":
+                break
+            threading.Event().wait(0.05)
+        assert _post(client, *smear).json()["model"]["version"] == "2"
+
+
+def test_no_champion_means_not_ready_and_503(unit_settings, smear) -> None:
+    src = AliasSource()
+    with TestClient(create_app(unit_settings, src, log_requests=False)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "no @champion" in ready.json()["reload_error"]
+        response = _post(client, *smear)
+        assert response.status_code == 503 and "no version" in response.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_micro_batches_match_single_image_predictions(source, shared_data) -> None:
+    model = source.models["1"]
+    served = ServedModel(ModelVersion("m", "1"), model, 0.0)
+    files = sorted((shared_data / "all_taleqani" / "Early").iterdir())[:6]
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    predictor = BatchPredictor(max_batch=8, wait_ms=200, with_embeddings=True)
+    try:
+        futures = [predictor.submit(served, model.batch([rgb])[0]) for rgb in images]
+        results = [f.result(timeout=30) for f in futures]
+    finally:
+        predictor.stop()
+    assert max(r.batch_size for r in results) > 1
+    np.testing.assert_allclose(np.stack([r.proba for r in results]), model.predict_proba(images), atol=1e-5)
+    np.testing.assert_allclose(np.stack([r.embedding for r in results]), model.embed(images), atol=1e-4)
+
+
+def test_cors_is_off_by_default_and_on_for_listed_origins(unit_settings, source) -> None:
+    preflight = {"Origin": "https://lab.example", "Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(unit_settings, source, log_requests=False)) as client:
+        assert "access-control-allow-origin" not in client.options("/v1/predict", headers=preflight).headers
+    allowed = unit_settings.model_copy(update={"cors_origins": ["https://lab.example"]})
+    with TestClient(create_app(allowed, source, log_requests=False)) as client:
+        response = client.options("/v1/predict", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://lab.example"
+
+
+def test_heatmap_maps_back_onto_the_roi_of_a_bordered_image() -> None:
+    rgb = np.zeros((100, 160, 3), np.uint8)
+    rgb[10:90, 30:150] = 180  # field of view inside a black border
+    preprocessing = {"roi_crop": True, "roi_threshold": 20}
+    assert roi_box(rgb, preprocessing) == (10, 30, 80, 120)
+    heat = heatmap_on_input(np.ones((64, 64), np.float32), rgb, preprocessing)
+    assert heat.shape == (100, 160) and heat[:10].sum() == 0 and heat[:, :30].sum() == 0
+    assert np.all(heat[10:90, 30:150] == pytest.approx(1.0))
+    assert roi_box(rgb, {"roi_crop": False}) == (0, 0, 100, 160)
+
+
+def test_request_log_rows_follow_the_drift_contract() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    rgb = np.random.default_rng(1).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    day = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)
+    items = [
+        LoggedRequest(f"r{i}", day + timedelta(seconds=i), TASK, "7", "Pre", 0.8, rgb, 3, np.arange(4.0))
+        for i in range(3)
+    ]
+    rows = [to_row(item, None) for item in items]
+    assert set(CONTRACT_COLUMNS) | {"embedding"} == set(rows[0])
+    assert rows[0]["ts"] == "2026-03-01T23:59:59+00:00" and rows[0]["embedding"] == [0.0, 1.0, 2.0, 3.0]
+    assert rows[0]["width"] == 48.0 and set(FACT_COLUMNS) <= set(rows[0])
+    parts = rows_by_date(rows)
+    assert list(parts) == ["2026-03-01", "2026-03-02"] and len(parts["2026-03-02"]) == 2
+    assert part_key("2026-03-02", "abc") == "serving/requests/date=2026-03-02/part-abc.parquet"
