@@ -27,11 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/leukops demo --task $(TASK) $(if $(DATA),--data $(DATA),)
 
-test: install
+LINTED := pipelines serving dags tests benchmarks
+
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check pipelines serving dags tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 stack-up: install
 	$(BIN)/leukops stack up

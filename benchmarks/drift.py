@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import ks_2samp
 
-from pipelines.monitor.drift import compare, fact_features
-from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, image_facts
 from pipelines.core.settings import DriftThresholds
+from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, image_facts
+from pipelines.monitor.features import fact_features
+from pipelines.monitor.statistics import compare
 
 PBC = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc"
 
@@ -35,7 +36,8 @@ def _decode_and_measure(paths: list[Path]) -> pd.DataFrame:
     rows = []
     for path in paths:
         decoded = decode_image(path.read_bytes())
-        rows.append({**image_facts(decoded.rgb, decoded.source_channels), "key": f"raw/{path.name}"})
+        # drift reads file_type from the key's extension, so the file name stands in for the object key
+        rows.append({**image_facts(decoded.rgb, decoded.source_channels), "key": path.name})
     return pd.DataFrame(rows)
 
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from lime import lime_image
 
-from pipelines.model.backbones import create_backbone
-from pipelines.trust.explain import classifier_fn, gradcam, lime_explain
 from pipelines.data.imagefacts import decode_image
+from pipelines.model.backbones import create_backbone
 from pipelines.model.preprocess import preprocessing_from, to_tensor_batch
+from pipelines.trust.gradcam import gradcam
+from pipelines.trust.lime_explainer import classifier_fn, lime_explain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"
 

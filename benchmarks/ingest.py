@@ -21,10 +21,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipelines.data.ingest import ingest_source
-from pipelines.devstack.localstack import LocalStack, port_is_free, seaweed_ports
 from pipelines.core.settings import Settings
+from pipelines.data.ingest import ingest_source
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
+from pipelines.devstack.processes import port_is_free
+from pipelines.devstack.seaweedfs import seaweed_ports
+from pipelines.devstack.stack import LocalStack
 from pipelines.io.storage import ObjectStore
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"
@@ -59,9 +61,12 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="leukops-bench-"))
     s3_port, mlflow_port = free_ports()
     settings = Settings(
-        profile="dev", state_dir=state, sources_dir=state / "sources",
-        s3_endpoint=f"http://127.0.0.1:{s3_port}", mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
-    )  # fmt: skip
+        profile="dev",
+        state_dir=state,
+        sources_dir=state / "sources",
+        s3_endpoint=f"http://127.0.0.1:{s3_port}",
+        mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
+    )
     stack = LocalStack(settings)
     timings: dict[str, float] = {}
     try:
@@ -94,9 +99,12 @@ def main() -> None:
 
 def save_and_load(settings: Settings, name: str, data: Path) -> Source:
     source = Source(
-        name=name, location=str(data.resolve()), layout="folders",
-        label_map=default_label_map(["all_subtypes"]), tasks=("all_subtypes",),
-    )  # fmt: skip
+        name=name,
+        location=str(data.resolve()),
+        layout="folders",
+        label_map=default_label_map(["all_subtypes"]),
+        tasks=("all_subtypes",),
+    )
     save_source(source, settings)
     return load_source(name, settings)
 

@@ -1,7 +1,7 @@
 """Promotion cost vs a bare MLflow "register + set @champion", on the same runs and the same MLflow server.
 
 Starts a private local stack (SeaweedFS S3 + MLflow, temp state dir, free ports), logs ``--runs`` real
-leukops models (custom_cnn, random init, 32 px) through ``pipelines.io.tracking`` with rising test F1, then:
+leukops models (custom_cnn, random init, 32 px) through ``pipelines.model.pyfunc.log_model`` with rising test F1, then:
 
 1. baseline: ``mlflow.register_model`` + ``set_registered_model_alias(champion)`` per run (what a plain
    MLflow script does: no gate, no report, no safety);
@@ -30,10 +30,11 @@ from mlflow import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import free_ports  # noqa: E402 - the benchmarks share one free-port finder
 
-from pipelines.devstack.localstack import LocalStack  # noqa: E402
-from pipelines.trust.promote import promote_run, rollback  # noqa: E402
-from pipelines.io.registry import Registry  # noqa: E402
 from pipelines.core.settings import Settings  # noqa: E402
+from pipelines.devstack.stack import LocalStack  # noqa: E402
+from pipelines.io.layout import run_model_uri  # noqa: E402
+from pipelines.io.registry import Registry  # noqa: E402
+from pipelines.trust.promote import promote_run, rollback  # noqa: E402
 
 TASK = "binary_all"
 
@@ -42,23 +43,17 @@ def log_runs(settings: Settings, count: int) -> list[str]:
     import cv2
     import numpy as np
 
+    from pipelines.io.tracking import TrainingTracker
     from pipelines.model.backbones import create_backbone
+    from pipelines.model.bundle import ModelBundle
     from pipelines.model.preprocess import preprocessing_from
-    from pipelines.io.tracking import ModelBundle, TrainingTracker
+    from pipelines.model.pyfunc import log_model
 
     image = cv2.imencode(".png", np.full((32, 32, 3), 200, np.uint8))[1].tobytes()
     run_ids = []
     for i in range(count):
         backbone = create_backbone("custom_cnn", 2, pretrained=False, image_size=32)
-        bundle = ModelBundle(
-            TASK,
-            ["ALL", "Healthy"],
-            "custom_cnn",
-            32,
-            False,
-            preprocessing_from(backbone.data_config),
-            backbone.gradcam_layer_name,
-        )
+        bundle = ModelBundle.for_backbone(TASK, ["ALL", "Healthy"], backbone, preprocessing_from(backbone.data_config))
         f1 = 0.80 + 0.02 * i
         metrics = {
             "val_macro_f1": f1,
@@ -74,7 +69,7 @@ def log_runs(settings: Settings, count: int) -> list[str]:
         tags = {"task": TASK, "dataset_version": "bench", "backbone": "custom_cnn", "pretrained": "false"}
         with TrainingTracker(settings, run_key=uuid.uuid4().hex, run_name=f"bench-{i}", tags=tags) as run:
             run.log_metrics(metrics)
-            run.log_model(bundle, backbone.model.state_dict(), image)
+            log_model(run, bundle, backbone.model.state_dict(), image)
         run_ids.append(run.run_id)
     return run_ids
 
@@ -106,12 +101,12 @@ def main() -> None:
         bare_name = f"bare-{TASK}"
 
         def bare_promote(run_id: str) -> None:
-            version = mlflow.register_model(f"runs:/{run_id}/model", bare_name).version
+            version = mlflow.register_model(run_model_uri(run_id), bare_name).version
             client.set_registered_model_alias(bare_name, "champion", version)
 
         base = [timed(lambda r=r: bare_promote(r)) for r in run_ids]
         gated = [timed(lambda r=r: promote_run(r, "benchmark", settings)) for r in run_ids]
-        assert Registry.from_settings(settings).aliases(TASK)["champion"] == str(args.runs)
+        assert Registry.from_settings(settings).champion(TASK).version == str(args.runs)
         name = settings.registered_model_name(TASK)
         bare_rb = [
             timed(

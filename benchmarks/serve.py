@@ -1,7 +1,7 @@
 """Serving benchmark: leukops serving vs `mlflow models serve` on the same registered MobileNetV2.
 
 Starts a private local stack (SeaweedFS S3 + MLflow, temp state dir, free ports), logs a MobileNetV2
-(random init; weights do not change the cost of a forward pass) at 224 px through ``pipelines.io.tracking``,
+(random init; weights do not change the cost of a forward pass) at 224 px through ``pipelines.model.pyfunc.log_model``,
 registers it as ``@champion``, then serves it twice, one server at a time so they never share the CPU:
 
 1. ``leukops serve`` (FastAPI + uvicorn, micro-batching, request log to S3 on), multipart JPEG uploads;
@@ -62,7 +62,7 @@ class LoadResult:
 
 
 def free_port() -> int:
-    from pipelines.devstack.localstack import port_is_free
+    from pipelines.devstack.processes import port_is_free
 
     rng = random.Random()
     for _ in range(200):
@@ -73,7 +73,8 @@ def free_port() -> int:
 
 
 def stack_env(state_dir: Path) -> dict[str, str]:
-    from pipelines.devstack.localstack import port_is_free, seaweed_ports
+    from pipelines.devstack.processes import port_is_free
+    from pipelines.devstack.seaweedfs import seaweed_ports
 
     rng = random.Random()
     for _ in range(200):
@@ -92,8 +93,9 @@ def stack_env(state_dir: Path) -> dict[str, str]:
     }
 
 
-def load(name: str, send: Callable[[httpx.Client, bytes], httpx.Response], images: list[bytes],
-         clients: int, requests: int) -> LoadResult:
+def load(
+    name: str, send: Callable[[httpx.Client, bytes], httpx.Response], images: list[bytes], clients: int, requests: int
+) -> LoadResult:
     """``clients`` threads, each with its own keep-alive connection, ``requests`` sequential calls each."""
     latencies: list[float] = []
     errors = 0
@@ -155,20 +157,27 @@ def sample_images(n: int) -> list[bytes]:
 
 def log_champion(settings, image_size: int, example: bytes) -> tuple[str, str]:
     """A MobileNetV2 logged as the canonical model and made ``@champion``; returns (version, run_id)."""
-    from pipelines.model.backbones import create_backbone
-    from pipelines.model.preprocess import preprocessing_from
-    from pipelines.io.registry import Registry
     from pipelines.core.taxonomy import get_task
-    from pipelines.io.tracking import ModelBundle, TrainingTracker
+    from pipelines.io.registry import Registry
+    from pipelines.io.tracking import TrainingTracker
+    from pipelines.model.backbones import create_backbone
+    from pipelines.model.bundle import ModelBundle
+    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.model.pyfunc import log_model
 
     classes = get_task(TASK).classes
     backbone = create_backbone("mobilenetv2_100", len(classes), pretrained=False, image_size=image_size)
     bundle = ModelBundle.for_backbone(TASK, classes, backbone, preprocessing_from(backbone.data_config))
-    tags = {"task": TASK, "dataset_version": "benchmark", "backbone": "mobilenetv2_100", "augment": "none",
-            "pretrained": "false"}
+    tags = {
+        "task": TASK,
+        "dataset_version": "benchmark",
+        "backbone": "mobilenetv2_100",
+        "augment": "none",
+        "pretrained": "false",
+    }
     key = f"bench-serve-{time.time_ns()}"
     with TrainingTracker(settings, run_key=key, run_name="bench", tags=tags) as run:
-        run.log_model(bundle, backbone.model.state_dict(), example)
+        log_model(run, bundle, backbone.model.state_dict(), example)
     registry = Registry.from_settings(settings)
     record = registry.register(TASK, registry.read_run(run.run_id), {}, "serving benchmark")
     audit = {"action": "benchmark", "who": "benchmarks/serve.py", "why": "serving benchmark"}
@@ -176,14 +185,19 @@ def log_champion(settings, image_size: int, example: bytes) -> tuple[str, str]:
     return record.version, run.run_id
 
 
-def run_server(name: str, command: list[str], env: dict[str, str], ready_url: str,
-               send: Callable[[httpx.Client, bytes], httpx.Response], images: list[bytes],
-               clients: int, requests: int) -> LoadResult:
+def run_server(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    ready_url: str,
+    send: Callable[[httpx.Client, bytes], httpx.Response],
+    images: list[bytes],
+    clients: int,
+    requests: int,
+) -> LoadResult:
     log_path = Path(env["LEUKOPS_STATE_DIR"]) / f"{name.split()[0]}-{time.time_ns()}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(ready_url, 180, process)
         with httpx.Client(timeout=120) as http:  # warm-up: first requests pay lazy initialisation
@@ -205,10 +219,16 @@ def main() -> None:
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="leukops-bench-serve-"))
-    env = {**os.environ, **stack_env(state), "LEUKOPS_SERVE_TASK": TASK, "LEUKOPS_RELOAD_INTERVAL_S": "3600"}
+    env = {
+        **os.environ,
+        **stack_env(state),
+        "LEUKOPS_SERVING__TASK": TASK,
+        "LEUKOPS_SERVING__RELOAD_INTERVAL_S": "3600",
+    }
     os.environ.update(env)
-    from pipelines.devstack.localstack import LocalStack
     from pipelines.core.settings import get_settings
+    from pipelines.devstack.stack import LocalStack
+    from pipelines.io.layout import run_model_uri
 
     get_settings.cache_clear()
     settings = get_settings()
@@ -217,7 +237,7 @@ def main() -> None:
     try:
         images = sample_images(64)
         version, run_id = log_champion(settings, args.image_size, images[0])
-        auth = {"Authorization": f"Bearer {settings.secret('api_token')}"}
+        auth = {"Authorization": f"Bearer {settings.secret('serving.token')}"}
         bin_dir = Path(sys.executable).parent
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # mlflow execs `uvicorn` from PATH
         results = []
@@ -232,32 +252,69 @@ def main() -> None:
 
         variants = [("leukops serve", {})]
         if args.no_batching:
-            variants.append(("leukops serve (no micro-batching)", {"LEUKOPS_SERVE_MAX_BATCH": "1"}))
+            variants.append(("leukops serve (no micro-batching)", {"LEUKOPS_SERVING__MAX_BATCH": "1"}))
         for name, extra in variants:
             port = free_port()
             command = [str(bin_dir / "leukops"), "serve", "--port", str(port), "--log-level", "warning"]
-            results.append(run_server(name, command, {**env, **extra}, f"http://127.0.0.1:{port}/readyz",
-                                      leukops_send, images, args.clients, args.requests))
+            results.append(
+                run_server(
+                    name,
+                    command,
+                    {**env, **extra},
+                    f"http://127.0.0.1:{port}/readyz",
+                    leukops_send,
+                    images,
+                    args.clients,
+                    args.requests,
+                )
+            )
         port = free_port()
         # runs:/ rather than models:/<name>/<version>: the same model; see the report on registry sources.
-        command = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager",
-                   "local", "-p", str(port), "-h", "127.0.0.1"]
-        results.append(run_server("mlflow models serve", command, env, f"http://127.0.0.1:{port}/ping",
-                                  mlflow_send, images, args.clients, args.requests))
+        command = [
+            str(bin_dir / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            run_model_uri(run_id),
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ]
+        results.append(
+            run_server(
+                "mlflow models serve",
+                command,
+                env,
+                f"http://127.0.0.1:{port}/ping",
+                mlflow_send,
+                images,
+                args.clients,
+                args.requests,
+            )
+        )
     finally:
         stack.down()
         shutil.rmtree(state, ignore_errors=True)
 
     rows = [r.summary() for r in results]
-    print(f"MobileNetV2 @ {args.image_size}px, CPU, {args.clients} clients x {args.requests} requests, "
-          f"model version {version}")
+    print(
+        f"MobileNetV2 @ {args.image_size}px, CPU, {args.clients} clients x {args.requests} requests, "
+        f"model version {version}"
+    )
     print(f"{'server':38s} {'req/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
     for row in rows:
-        print(f"{row['server']:38s} {row['req_per_s']:8.2f} {row['p50_ms']:8.1f} {row['p95_ms']:8.1f} "
-              f"{row['p99_ms']:8.1f} {row['errors']:7d}")
+        print(
+            f"{row['server']:38s} {row['req_per_s']:8.2f} {row['p50_ms']:8.1f} {row['p95_ms']:8.1f} "
+            f"{row['p99_ms']:8.1f} {row['errors']:7d}"
+        )
     ours, baseline = rows[0], rows[-1]
-    print(f"throughput ratio leukops/mlflow: {ours['req_per_s'] / baseline['req_per_s']:.2f}x; "
-          f"p50 latency ratio: {ours['p50_ms'] / baseline['p50_ms']:.2f}x")
+    print(
+        f"throughput ratio leukops/mlflow: {ours['req_per_s'] / baseline['req_per_s']:.2f}x; "
+        f"p50 latency ratio: {ours['p50_ms'] / baseline['p50_ms']:.2f}x"
+    )
     print(json.dumps({"results": rows}))
 
 

@@ -26,14 +26,14 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from pipelines.model.backbones import create_backbone
+from pipelines.core.taxonomy import get_task
 from pipelines.data.datasets import ImageFileDataset, label_indices, make_loader, split_rows
+from pipelines.data.snapshot import hash_split
+from pipelines.model.backbones import create_backbone
+from pipelines.model.candidate import stages_for
 from pipelines.model.evaluate import evaluate_predictions
 from pipelines.model.preprocess import build_transform, preprocessing_from
-from pipelines.data.snapshot import hash_split
-from pipelines.core.taxonomy import get_task
 from pipelines.model.train import Stage, TrainConfig, fit, pick_device, predict_proba, seed_everything
-from pipelines.model.candidate import stages_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"
 CLASSES = get_task("all_subtypes").classes

@@ -13,8 +13,8 @@ import pendulum
 from airflow.sdk import CronTriggerTimetable, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipelines.orchestration.assets import RETRAIN_REQUEST
 from pipelines.core.settings import get_settings
+from pipelines.orchestration.assets import RETRAIN_REQUEST
 
 SETTINGS = get_settings()
 
@@ -33,7 +33,8 @@ def leukops_drift():
         from pipelines.orchestration.airflow_tasks import check_drift
 
         context = get_current_context()
-        return check_drift(task_name, context["run_id"], context["logical_date"] or context["run_after"])
+        # run_after, not logical_date: runs triggered by the REST API, the UI or an asset have no logical date
+        return check_drift(task_name, context["run_id"], context["dag_run"].run_after)
 
     @task(retries=0, outlets=[RETRAIN_REQUEST])
     def request_retrain(verdicts: list[dict]) -> dict:

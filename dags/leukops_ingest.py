@@ -12,8 +12,8 @@ import pendulum
 from airflow.sdk import CronTriggerTimetable, Param, PokeReturnValue, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pipelines.orchestration.assets import ACCEPTED_IMAGES
 from pipelines.core.settings import get_settings
+from pipelines.orchestration.assets import ACCEPTED_IMAGES
 
 SCHEDULES = get_settings().schedules
 
@@ -47,7 +47,8 @@ def leukops_ingest():
         from pipelines.orchestration.airflow_tasks import ingest
 
         context = get_current_context()
-        run_date = (context["logical_date"] or context["run_after"]).date().isoformat()
+        # run_after, not logical_date: runs triggered by the REST API, the UI or an asset have no logical date
+        run_date = context["dag_run"].run_after.date().isoformat()
         return ingest(source, context["run_id"], run_date)
 
     @task(retries=0, outlets=[ACCEPTED_IMAGES])

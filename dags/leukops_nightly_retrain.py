@@ -12,8 +12,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from pipelines.orchestration.assets import RETRAIN_REQUEST
 from pipelines.core.settings import get_settings
+from pipelines.orchestration.assets import RETRAIN_REQUEST
 
 RETRAIN = get_settings().retrain
 GPU_POOL = "gpu"

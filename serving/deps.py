@@ -17,13 +17,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from pipelines.core.settings import Settings, env_name
 from pipelines.data.imagefacts import DecodedImage, ImageDecodeError, decode_image
-from pipelines.core.settings import Settings
 from serving.metrics import ServingMetrics
 from serving.model import BatchPredictor, ModelHolder
 from serving.requestlog import RequestLog
 
 UPLOAD_FIELD = "file"
+TOKEN_SETTING = "serving.token"  # the secret every /v1 request is checked against
 MIN_IMAGE_SIDE = 16  # smaller cannot hold a cell, and preprocessing / segmentation refuse it
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
 DECODE_STATUS = {
@@ -34,7 +35,7 @@ DECODE_STATUS = {
     "too_many_pixels": 413,
 }
 
-_bearer = HTTPBearer(auto_error=False, description="LEUKOPS_API_TOKEN")
+_bearer = HTTPBearer(auto_error=False, description=env_name(TOKEN_SETTING))
 
 
 @dataclass
@@ -65,10 +66,13 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    expected = get_services(request).settings.secret("api_token")
+    expected = get_services(request).settings.secret(TOKEN_SETTING)
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(401, "missing bearer token (Authorization: Bearer <LEUKOPS_API_TOKEN>)",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            f"missing bearer token (Authorization: Bearer <{env_name(TOKEN_SETTING)}>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
         raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -102,7 +106,7 @@ async def _replayed_form(request: Request, body: bytes):
 
 async def image_upload(request: Request, services: ServicesDep) -> Upload:
     """The uploaded image (multipart field ``file``), size- and pixel-capped and decoded to RGB."""
-    max_bytes = int(services.settings.max_upload_mb * 1024 * 1024)
+    max_bytes = int(services.settings.serving.max_upload_mb * 1024 * 1024)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPException(415, f"send the image as multipart/form-data in a field named {UPLOAD_FIELD!r}")
     body = await read_capped_body(request, max_bytes + MULTIPART_OVERHEAD_BYTES)
@@ -118,7 +122,7 @@ async def image_upload(request: Request, services: ServicesDep) -> Upload:
     if len(data) > max_bytes:
         raise HTTPException(413, f"{name}: {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:  # decoding a large image takes long: keep it off the event loop (health probes stay live)
-        image = await run_in_threadpool(decode_image, data, services.settings.max_pixels)
+        image = await run_in_threadpool(decode_image, data, services.settings.serving.max_pixels)
     except ImageDecodeError as err:
         raise HTTPException(DECODE_STATUS.get(err.reason, 422), f"{name}: {err}") from err
     height, width = image.rgb.shape[:2]

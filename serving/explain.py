@@ -1,6 +1,6 @@
 """Grad-CAM for one served request: the heatmap on the input image, its PNG overlay and localization figures.
 
-The map is computed by ``pipelines.trust.explain.gradcam`` on the model's own preprocessing of the image, then
+The map is computed by ``pipelines.trust.gradcam.gradcam`` on the model's own preprocessing of the image, then
 mapped back onto the input's pixel grid (downscaled to at most 1024 px a side), so the overlay matches the
 input image and the localization
 figures (nucleus and artefact masses, from the same functions the promotion gate's figures come from)
@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
-from pipelines.trust.explain import gradcam, heat_overlay
-from pipelines.trust.localization import flat_metrics, localization_report
 from pipelines.model.preprocess import DEFAULT_ROI_THRESHOLD, roi_crop
+from pipelines.trust.gradcam import gradcam, heat_overlay
+from pipelines.trust.localization import flat_metrics, localization_report
 from pipelines.trust.segmentation import foreground_mask, nucleus_mask
 from serving.model import ServedModel
 

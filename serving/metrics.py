@@ -32,21 +32,28 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         labels = ("method", "route", "status")
         self.requests = Counter("leukops_requests", "HTTP requests", labels, registry=self.registry)
-        self.errors = Counter("leukops_request_errors", "HTTP requests answered 4xx/5xx", labels,
-                              registry=self.registry)
-        self.latency = Histogram("leukops_request_latency_seconds", "request latency", ("method", "route"),
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.predictions = Counter("leukops_predictions", "predictions by class", ("predicted_class",),
-                                   registry=self.registry)
-        self.model_version = Gauge("leukops_model_version", "served registry version (NaN: none)",
-                                   registry=self.registry)
-        self.model_reloads = Gauge("leukops_model_reloads", "model versions loaded since start",
-                                   registry=self.registry)
-        self.request_log_dropped = Gauge("leukops_request_log_dropped", "request-log rows dropped",
-                                         registry=self.registry)
+        self.errors = Counter(
+            "leukops_request_errors", "HTTP requests answered 4xx/5xx", labels, registry=self.registry
+        )
+        self.latency = Histogram(
+            "leukops_request_latency_seconds",
+            "request latency",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "leukops_predictions", "predictions by class", ("predicted_class",), registry=self.registry
+        )
+        self.model_version = Gauge(
+            "leukops_model_version", "served registry version (NaN: none)", registry=self.registry
+        )
+        self.model_reloads = Gauge("leukops_model_reloads", "model versions loaded since start", registry=self.registry)
+        self.request_log_dropped = Gauge(
+            "leukops_request_log_dropped", "request-log rows dropped", registry=self.registry
+        )
 
-    def bind(self, version: Callable[[], str | None], reloads: Callable[[], int],
-             dropped: Callable[[], int]) -> None:
+    def bind(self, version: Callable[[], str | None], reloads: Callable[[], int], dropped: Callable[[], int]) -> None:
         """Read the model version, reload count and dropped log rows at scrape time."""
         self.model_version.set_function(lambda: _as_number(version()))
         self.model_reloads.set_function(lambda: float(reloads()))

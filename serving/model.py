@@ -25,7 +25,7 @@ from pipelines.core.errors import LeukopsError
 
 if TYPE_CHECKING:
     from pipelines.core.settings import Settings
-    from pipelines.io.tracking import LoadedModel
+    from pipelines.model.bundle import LoadedModel
 
 log = logging.getLogger("leukops.serving")
 
@@ -59,41 +59,41 @@ class ModelSource(Protocol):
     def load(self, version: str) -> LoadedModel: ...
 
 
-class RegistrySource:
-    """``models:/leukops-<task>@<alias>`` in the MLflow registry, loaded by version number.
+class ChampionSource:
+    """The ``@champion`` version of ``leukops-<task>`` in the MLflow registry, loaded by version number.
 
     Loading the resolved version (not the alias) makes the loaded weights exactly the version that
     ``resolve`` saw, even if the alias moves again during the download.
     """
 
-    def __init__(self, settings: Settings, task: str | None = None, alias: str = "champion") -> None:
+    def __init__(self, settings: Settings, task: str | None = None) -> None:
         from pipelines.io.registry import Registry
 
-        self.task = task or settings.serve_task
+        self.task = task or settings.serving.task
         self.name = settings.registered_model_name(self.task)
-        self.alias = alias
         self.registry = Registry.from_settings(settings)
 
     def resolve(self) -> str:
-        version = self.registry.aliases(self.task).get(self.alias)
-        if version is None:
-            raise ModelUnavailableError(f"{self.name} has no @{self.alias} version (promote a model first)")
-        return version
+        champion = self.registry.champion(self.task)
+        if champion is None:
+            raise ModelUnavailableError(f"{self.name} has no @champion version (promote a model first)")
+        return champion.version
 
     def describe(self, version: str) -> ModelVersion:
         record = self.registry.version(self.task, version)
         return ModelVersion(self.name, record.version, record.aliases, record.tags, record.run_id)
 
     def load(self, version: str) -> LoadedModel:
-        """The version's canonical model, read from its training run (``runs:/<run_id>/model``).
+        """The version's canonical model, read from its training run's model bundle.
 
         The run's model is what the version was registered from; reading it by run id does not depend
         on how the registry recorded the version's source (a run-artifact path or a logged-model id).
         """
-        from pipelines.io.tracking import load_model
+        from pipelines.io.layout import registered_version_uri, run_model_uri
+        from pipelines.model.bundle import load_model
 
         run_id = self.describe(version).run_id
-        return load_model(f"runs:/{run_id}/model" if run_id else f"models:/{self.name}/{version}")
+        return load_model(run_model_uri(run_id) if run_id else registered_version_uri(self.name, version))
 
 
 @dataclass
@@ -223,9 +223,7 @@ class Prediction:
     batch_size: int
 
 
-def forward(
-    served: ServedModel, batch: torch.Tensor, with_embeddings: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
+def forward(served: ServedModel, batch: torch.Tensor, with_embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities and (optionally) pooled embeddings from ONE encoder pass.
 
     The embedding is the head's GAP output (what ``LoadedModel.embed`` returns), so taking it beside the

@@ -1,13 +1,15 @@
 """The serving request log that drift monitoring reads: one parquet part per flush, partitioned by date.
 
-Layout (the serving/drift contract): ``serving/requests/date=YYYY-MM-DD/part-<id>.parquet`` with columns
-``ts`` (ISO-8601 UTC), ``request_id``, ``task``, ``model_version``, ``predicted_class``, ``confidence``,
-the image facts (``imagefacts.FACT_COLUMNS``, the same function ingest uses, so the two are
-comparable) and ``embedding`` (list of floats) when embeddings are logged; ``image_key`` when raw images
-are kept (``log_raw_images``). Requests never wait for S3: ``record`` only enqueues; a background thread
-computes the facts and writes a part every ``flush_rows`` rows or ``flush_s`` seconds, and at shutdown.
-When the queue holds more than ``max_queued_bytes`` of decoded pixels, new rows are dropped (counted
-in ``dropped``, exported as a metric) rather than slowing predictions down or exhausting memory.
+The contract between serving and drift monitoring: parts at ``layout.request_log_part_key`` (one folder
+per UTC day) with columns ``ts`` (ISO-8601 UTC), ``request_id``, ``task``, ``model_version``,
+``predicted_class``, ``confidence``, the image facts (``imagefacts.FACT_COLUMNS``, the same function
+ingest uses, so the two are comparable) and ``embedding`` (list of floats) when embeddings are logged;
+``image_key`` (at ``layout.request_image_key``) when raw images are kept (``serving.log_raw_images``).
+
+Requests never wait for S3: ``record`` only enqueues; a background thread computes the facts and writes
+a part every ``flush_rows`` rows or ``flush_s`` seconds, and at shutdown. When the queue holds more than
+``max_queued_bytes`` of decoded pixels, new rows are dropped (counted in ``dropped``, exported as a
+metric) rather than slowing predictions down or exhausting memory.
 """
 
 from __future__ import annotations
@@ -24,15 +26,12 @@ import numpy as np
 import pandas as pd
 
 from pipelines.data.imagefacts import FACT_COLUMNS, image_facts
+from pipelines.io.layout import request_image_key, request_log_part_key
 from pipelines.io.storage import ObjectStore, sha256_hex
 
 log = logging.getLogger("leukops.serving.requestlog")
 
-PREFIX = "serving/requests"
-IMAGE_PREFIX = "serving/images"
-CONTRACT_COLUMNS = (
-    "ts", "request_id", "task", "model_version", "predicted_class", "confidence", *FACT_COLUMNS
-)
+CONTRACT_COLUMNS = ("ts", "request_id", "task", "model_version", "predicted_class", "confidence", *FACT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -48,10 +47,6 @@ class LoggedRequest:
     embedding: np.ndarray | None = None
     image_bytes: bytes | None = None
     image_format: str | None = None
-
-
-def part_key(date: str, part_id: str) -> str:
-    return f"{PREFIX}/date={date}/part-{part_id}.parquet"
 
 
 def to_row(item: LoggedRequest, image_key: str | None) -> dict:
@@ -152,7 +147,7 @@ class RequestLog:
     def _store_image(self, item: LoggedRequest) -> str | None:
         sha = sha256_hex(item.image_bytes)
         ext = (item.image_format or "bin").lower().replace("jpeg", "jpg")
-        key = f"{IMAGE_PREFIX}/{sha[:2]}/{sha}.{ext}"
+        key = request_image_key(sha, ext)
         try:
             if not self.store.exists(key):
                 self.store.put_bytes(key, item.image_bytes)
@@ -165,7 +160,7 @@ class RequestLog:
         if not rows:
             return
         for date, frame in rows_by_date(rows).items():
-            key = part_key(date, f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}")
+            key = request_log_part_key(date, f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}")
             try:
                 self.store.put_parquet(key, frame)
             except Exception as err:  # noqa: BLE001 - S3 down: count the loss, keep serving

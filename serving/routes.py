@@ -73,9 +73,15 @@ def healthz() -> dict:
 def readyz(services: ServicesDep) -> JSONResponse:
     details = services.holder.readiness()
     log = services.request_log
-    details["request_log"] = None if log is None else {
-        "written_rows": log.written_rows, "failed_rows": log.failed_rows, "dropped_rows": log.dropped,
-    }
+    details["request_log"] = (
+        None
+        if log is None
+        else {
+            "written_rows": log.written_rows,
+            "failed_rows": log.failed_rows,
+            "dropped_rows": log.dropped,
+        }
+    )
     return JSONResponse(details, status_code=200 if details["ready"] else 503)
 
 
@@ -85,8 +91,12 @@ def metrics(request: Request) -> Response:
     return Response(serving_metrics.render(), media_type=serving_metrics.content_type)
 
 
-@v1.post("/predict", response_model=PredictResponse, openapi_extra=MULTIPART_IMAGE_BODY,
-         summary="classify one smear image; ?explain=gradcam adds a heatmap overlay and localization")
+@v1.post(
+    "/predict",
+    response_model=PredictResponse,
+    openapi_extra=MULTIPART_IMAGE_BODY,
+    summary="classify one smear image; ?explain=gradcam adds a heatmap overlay and localization",
+)
 async def predict(
     upload: UploadDep,
     services: ServicesDep,
@@ -109,33 +119,37 @@ async def predict(
         predicted_class=classes[best],
         confidence=float(prediction.proba[best]),
         probabilities={c: float(p) for c, p in zip(classes, prediction.proba, strict=True)},
-        model=ModelRef(name=served.version.name, version=served.version.version, task=served.model.task,
-                       run_id=served.version.run_id),
+        model=ModelRef(
+            name=served.version.name,
+            version=served.version.version,
+            task=served.model.task,
+            run_id=served.version.run_id,
+        ),
         latency_ms=round((time.perf_counter() - started) * 1000, 3),
         batch_size=prediction.batch_size,
         explanation=explanation,
     )
 
 
-def _log_request(
-    services: Services, upload: Upload, prediction: Prediction, request_id: str, label: str
-) -> None:
+def _log_request(services: Services, upload: Upload, prediction: Prediction, request_id: str, label: str) -> None:
     if services.request_log is None:
         return
-    keep = services.settings.log_raw_images
-    services.request_log.record(LoggedRequest(
-        request_id=request_id,
-        ts=datetime.now(UTC),
-        task=prediction.served.model.task,
-        model_version=prediction.served.version.version,
-        predicted_class=label,
-        confidence=float(prediction.proba.max()),
-        rgb=upload.image.rgb,
-        source_channels=upload.image.source_channels,
-        embedding=prediction.embedding,
-        image_bytes=upload.data if keep else None,
-        image_format=upload.image.format if keep else None,
-    ))
+    keep = services.settings.serving.log_raw_images
+    services.request_log.record(
+        LoggedRequest(
+            request_id=request_id,
+            ts=datetime.now(UTC),
+            task=prediction.served.model.task,
+            model_version=prediction.served.version.version,
+            predicted_class=label,
+            confidence=float(prediction.proba.max()),
+            rgb=upload.image.rgb,
+            source_channels=upload.image.source_channels,
+            embedding=prediction.embedding,
+            image_bytes=upload.data if keep else None,
+            image_format=upload.image.format if keep else None,
+        )
+    )
 
 
 @v1.get("/model", summary="the served version: aliases, task, classes, preprocessing, gate summary")

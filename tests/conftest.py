@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.devstack.localstack import LocalStack, port_is_free, seaweed_ports
 from pipelines.core.settings import Settings, get_settings
+from pipelines.devstack.processes import port_is_free
+from pipelines.devstack.seaweedfs import seaweed_ports
+from pipelines.devstack.stack import LocalStack
 from pipelines.io.storage import ObjectStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.core.errors import LeukopsError
@@ -28,7 +28,6 @@ class Output:
     data: dict[str, Any]
     text: str | None = None
     exit_code: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Handler = Callable[[argparse.Namespace], Output]

@@ -73,10 +73,17 @@ def _source_add(args: argparse.Namespace) -> Output:
 
     location = args.path if args.path.startswith("s3://") else str(Path(args.path).expanduser().resolve())
     source = Source(
-        name=args.name, location=location, layout=args.layout,
-        label_map=_label_map(args.label_map, args.tasks), tasks=tuple(args.tasks), role=args.role,
-        csv=args.csv, group_by=args.group_by, licence=args.licence, notes=args.notes,
-    )  # fmt: skip
+        name=args.name,
+        location=location,
+        layout=args.layout,
+        label_map=_label_map(args.label_map, args.tasks),
+        tasks=tuple(args.tasks),
+        role=args.role,
+        csv=args.csv,
+        group_by=args.group_by,
+        licence=args.licence,
+        notes=args.notes,
+    )
     path = save_source(source, get_settings(), replace=args.replace)
     return Output({"source": args.name, "file": str(path)}, f"registered source {args.name!r} in {path}")
 
@@ -87,10 +94,18 @@ def _source_list(args: argparse.Namespace) -> Output:
 
     sources = list_sources(get_settings())
     rows = [
-        {"name": s.name, "location": s.location, "layout": s.layout, "tasks": list(s.tasks), "role": s.role,
-         "label_map": s.label_map, "label_map_version": s.label_map_version, "group_by": s.group_by}
+        {
+            "name": s.name,
+            "location": s.location,
+            "layout": s.layout,
+            "tasks": list(s.tasks),
+            "role": s.role,
+            "label_map": s.label_map,
+            "label_map_version": s.label_map_version,
+            "group_by": s.group_by,
+        }
         for s in sources
-    ]  # fmt: skip
+    ]
     text = "\n".join(f"{r['name']:<24} {r['role']:<8} {','.join(r['tasks']):<20} {r['location']}" for r in rows)
     return Output({"sources": rows}, text or "no sources registered")
 
@@ -101,9 +116,13 @@ def _ingest(args: argparse.Namespace) -> Output:
 
     settings, store = _store()
     report = ingest_source(
-        load_source(args.name, settings), settings, store, run_date=_today(args.date),
-        progress=sys.stderr.isatty(), workers=args.workers,
-    )  # fmt: skip
+        load_source(args.name, settings),
+        settings,
+        store,
+        run_date=_today(args.date),
+        progress=sys.stderr.isatty(),
+        workers=args.workers,
+    )
     lines = [report.message]
     lines += [f"  rejected {r['path']}: {r['reason']} ({r['detail']})" for r in report.rejections]
     if report.data_docs:
@@ -112,7 +131,7 @@ def _ingest(args: argparse.Namespace) -> Output:
 
 
 def _quarantine_list(args: argparse.Namespace) -> Output:
-    from pipelines.data.ingest import quarantined_batches
+    from pipelines.data.quarantine import quarantined_batches
 
     _, store = _store()
     batches = quarantined_batches(store)
@@ -123,7 +142,7 @@ def _quarantine_list(args: argparse.Namespace) -> Output:
 def _release(args: argparse.Namespace) -> Output:
     import getpass
 
-    from pipelines.data.ingest import release_batch
+    from pipelines.data.quarantine import release_batch
 
     settings, store = _store()
     result = release_batch(

@@ -6,6 +6,7 @@ import argparse
 from datetime import UTC, date, datetime
 
 from pipelines.cli import Output, add_command
+from pipelines.io.layout import DRIFT_REPORTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,14 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="champion",
         help="champion (its training snapshot, the default) | dataset:VERSION | source:NAME | batch:ID",
     )
-    parser.add_argument(
-        "--current", required=True, help="batch:ID | source:NAME | serving:YYYY-MM-DD..YYYY-MM-DD"
-    )
+    parser.add_argument("--current", required=True, help="batch:ID | source:NAME | serving:YYYY-MM-DD..YYYY-MM-DD")
     parser.add_argument(
         "--date",
         type=date.fromisoformat,
         default=None,
-        help="report date for reports/drift/<date>/ (default: today, UTC; the DAG passes its logical date)",
+        help=f"report date for {DRIFT_REPORTS}/<date>/ (default: today, UTC; the DAG passes its run date)",
     )
     parser.add_argument("--report-id", default=None, help="report id (default: a hash of the inputs)")
     parser.add_argument("--no-mlflow", action="store_true", help="publish to S3 only, log no MLflow run")
@@ -49,9 +48,9 @@ def _human(data: dict) -> str:
 
 
 def _drift(args: argparse.Namespace) -> Output:
-    from pipelines.monitor.drift import monitor
     from pipelines.core.settings import get_settings
     from pipelines.io.storage import ObjectStore
+    from pipelines.monitor.drift import monitor
 
     settings = get_settings()
     outcome = monitor(

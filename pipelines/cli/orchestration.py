@@ -69,7 +69,8 @@ def _demo(args: argparse.Namespace) -> Output:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    summary = run_demo(_settings(), args.task, args.data, args.dags_dir, per_class=args.per_class,
-                       image_size=args.image_size, say=say)  # fmt: skip
+    summary = run_demo(
+        _settings(), args.task, args.data, args.dags_dir, per_class=args.per_class, image_size=args.image_size, say=say
+    )
     failed = [dag for dag, run in summary["dag_runs"].items() if run["state"] != "success"]
     return Output(summary, render_summary(summary), exit_code=1 if failed else 0)

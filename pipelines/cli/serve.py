@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
-    parser.add_argument("--task", help="task to serve (default: LEUKOPS_SERVE_TASK)")
+    parser.add_argument("--task", help="task to serve (default: LEUKOPS_SERVING__TASK)")
     levels = ["critical", "error", "warning", "info", "debug"]
     parser.add_argument("--log-level", default="info", choices=levels, help="uvicorn log level")
 
@@ -23,13 +23,13 @@ def _serve(args: argparse.Namespace) -> Output:
     import uvicorn
 
     from pipelines.core.settings import get_settings
-    from pipelines.core.taxonomy import get_task
+    from serving.app import check_startup
 
     if args.task:
-        get_task(args.task)
-        os.environ["LEUKOPS_SERVE_TASK"] = args.task  # workers are fresh processes: pass it through the env
+        os.environ["LEUKOPS_SERVING__TASK"] = args.task  # workers are fresh processes: pass it through the env
         get_settings.cache_clear()
-    settings = get_settings()  # fail here, with the variable named, rather than inside each worker
+    settings = get_settings()
+    check_startup(settings)  # fail here, with the variable named, rather than inside each worker
     uvicorn.run(
         "serving.app:create_app",
         factory=True,
@@ -38,4 +38,4 @@ def _serve(args: argparse.Namespace) -> Output:
         workers=args.workers,
         log_level=args.log_level,
     )
-    return Output({"stopped": True, "task": settings.serve_task}, "server stopped")
+    return Output({"stopped": True, "task": settings.serving.task}, "server stopped")

@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _stack():
-    from pipelines.devstack.localstack import LocalStack
     from pipelines.core.settings import get_settings
+    from pipelines.devstack.stack import LocalStack
 
     return LocalStack(get_settings())
 

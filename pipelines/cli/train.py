@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> Output:
         patience=args.patience,
         seed=args.seed,
         time_budget_min=args.time_budget_min,
-    )
+    ).to_dict()
     start = "ImageNet" if summary["pretrained"] else "random init"
     text = (
         f"run {summary['run_id']}  {summary['backbone']} ({start})"

@@ -1,19 +1,22 @@
 """One settings object for every leukops process: the only reader of LEUKOPS_* environment variables.
 
 Values come from the environment (prefix ``LEUKOPS_``, nested with ``__``), then an optional ``.env``
-file. Secrets have defaults only in the explicit ``dev`` profile; any other profile refuses to start
-without them, naming the variable to set.
+file, then the versioned config file. Secrets are demanded by the component that uses one
+(``settings.secret("serving.token")``), not when the settings load: a process that never touches a
+secret (an Airflow DAG being parsed, a training job) needs nothing set for it. Secrets have defaults
+only in the explicit ``dev`` profile; any other profile refuses to use a missing one, naming the
+variable to set.
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import lru_cache, reduce
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +29,11 @@ from pipelines.core.errors import LeukopsError
 DEV_S3_ACCESS_KEY = "leukops-dev"
 DEV_S3_SECRET_KEY = "leukops-dev-secret-not-for-production"  # noqa: S105 - dev profile only
 DEV_API_TOKEN = "leukops-dev-token"  # noqa: S105 - dev profile only
+DEV_SECRETS = {  # every secret setting (a field path) and its dev-profile default
+    "s3_access_key": DEV_S3_ACCESS_KEY,
+    "s3_secret_key": DEV_S3_SECRET_KEY,
+    "serving.token": DEV_API_TOKEN,
+}
 
 
 class SettingsError(LeukopsError):
@@ -44,7 +52,7 @@ class GateThresholds(BaseModel):
 
 
 class DriftThresholds(BaseModel):
-    """Drift monitoring and the retrain rule (see pipelines.monitor.drift). Override e.g. LEUKOPS_DRIFT__MAX_ROWS=500."""
+    """Drift monitoring and the retrain rule (see pipelines.monitor). Override e.g. LEUKOPS_DRIFT__MAX_ROWS=500."""
 
     column_alpha: float = 0.05  # family-wise false-alarm rate per column family (Bonferroni-split p-value tests)
     large_sample_rows: int = 1000  # above this many rows per side, effect-size distances replace p-value tests
@@ -73,6 +81,23 @@ class RetrainConfig(BaseModel):
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1
+
+
+class ServingSettings(BaseModel):
+    """The serving API (see serving/). Override e.g. LEUKOPS_SERVING__TASK=wbc, LEUKOPS_SERVING__TOKEN=..."""
+
+    token: SecretStr | None = None  # bearer token of /v1/*; read it with Settings.secret("serving.token")
+    task: str = "all_subtypes"  # the task whose @champion the API serves
+    max_upload_mb: float = 20.0  # largest accepted upload
+    max_pixels: int = 40_000_000  # decompression-bomb guard (width x height)
+    reload_interval_s: float = 30.0  # how often @champion is polled for a new version
+    log_raw_images: bool = False  # also store request images in S3 (off: only facts are logged)
+    log_embeddings: bool = True  # add the model's penultimate embedding to the request log
+    request_log_flush_rows: int = 256  # request-log rows per parquet part
+    request_log_flush_s: float = 30.0  # longest a request-log row waits before being written
+    max_batch: int = 8  # micro-batch size for concurrent predictions (1 = off)
+    batch_wait_ms: float = 2.0  # how long a request waits for others to join its batch
+    cors_origins: list[str] = Field(default_factory=list)  # CORS allow-list (empty = CORS off)
 
 
 class SchedulesConfig(BaseModel):
@@ -114,18 +139,7 @@ class Settings(BaseSettings):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     schedules: SchedulesConfig = Field(default_factory=SchedulesConfig)
 
-    api_token: SecretStr | None = None
-    serve_task: str = "all_subtypes"  # serving: the task whose @champion the API serves
-    max_upload_mb: float = 20.0  # serving: largest accepted upload
-    max_pixels: int = 40_000_000  # serving: decompression-bomb guard (width x height)
-    reload_interval_s: float = 30.0  # serving: how often @champion is polled for a new version
-    log_raw_images: bool = False  # serving: also store request images in S3 (off: only facts are logged)
-    log_embeddings: bool = True  # serving: add the model's penultimate embedding to the request log
-    request_log_flush_rows: int = 256  # serving: request-log rows per parquet part
-    request_log_flush_s: float = 30.0  # serving: longest a request-log row waits before being written
-    serve_max_batch: int = 8  # serving: micro-batch size for concurrent predictions (1 = off)
-    serve_batch_wait_ms: float = 2.0  # serving: how long a request waits for others to join its batch
-    cors_origins: list[str] = Field(default_factory=list)  # serving: CORS allow-list (empty = CORS off)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     gate: GateThresholds = Field(default_factory=GateThresholds)
     require_approval: bool = False  # promotion: a passing candidate waits as @challenger for `leukops approve`
     actor: str | None = None  # who registry audit tags name (default: the OS user), e.g. airflow:<dag_run_id>
@@ -144,24 +158,6 @@ class Settings(BaseSettings):
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=config_file_path())
         return init_settings, env_settings, dotenv_settings, yaml_source, file_secret_settings
 
-    @model_validator(mode="after")
-    def _secrets_present(self) -> Settings:
-        dev_defaults = {
-            "s3_access_key": DEV_S3_ACCESS_KEY,
-            "s3_secret_key": DEV_S3_SECRET_KEY,
-            "api_token": DEV_API_TOKEN,
-        }
-        for field, dev_value in dev_defaults.items():
-            if getattr(self, field) is not None:
-                continue
-            if self.profile != "dev":
-                raise SettingsError(
-                    f"LEUKOPS_{field.upper()} is not set (profile {self.profile!r}); set it, "
-                    "or use LEUKOPS_PROFILE=dev for the embedded local stack"
-                )
-            setattr(self, field, SecretStr(dev_value))
-        return self
-
     @property
     def s3_secure(self) -> bool:
         return urlparse(self.s3_endpoint).scheme == "https"
@@ -174,11 +170,26 @@ class Settings(BaseSettings):
     def registered_model_name(self, task: str) -> str:
         return f"{self.registered_model_prefix}-{task}"
 
-    def secret(self, field: str) -> str:
-        value = getattr(self, field)
-        if value is None:
-            raise SettingsError(f"LEUKOPS_{field.upper()} is not set")
-        return value.get_secret_value()
+    def secret(self, path: str) -> str:
+        """The secret at ``path`` (a key of ``DEV_SECRETS``), demanded by the component about to use it.
+
+        Only the dev profile falls back to a built-in value; elsewhere a missing secret is an error that
+        names its environment variable.
+        """
+        value: SecretStr | None = reduce(getattr, path.split("."), self)
+        if value is not None:
+            return value.get_secret_value()
+        if self.profile == "dev":
+            return DEV_SECRETS[path]
+        raise SettingsError(
+            f"{env_name(path)} is not set (profile {self.profile!r}); set it, "
+            "or use LEUKOPS_PROFILE=dev for the embedded local stack"
+        )
+
+
+def env_name(path: str) -> str:
+    """The environment variable of a settings path: ``serving.token`` -> ``LEUKOPS_SERVING__TOKEN``."""
+    return "LEUKOPS_" + path.replace(".", "__").upper()
 
 
 @lru_cache(maxsize=1)

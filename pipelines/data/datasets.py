@@ -40,7 +40,7 @@ class SplitMissingError(LeukopsError):
 
 
 def cache_path(cache_root: Path, sha256: str, key: str) -> Path:
-    """Where the bytes of image ``sha256`` live locally (same fan-out as ``raw/`` in S3)."""
+    """Where the bytes of image ``sha256`` live locally (the fan-out of ``layout.raw_key``)."""
     ext = Path(key).suffix.lower() or ".bin"
     return cache_root / "sha256" / sha256[:2] / sha256[2:4] / f"{sha256}{ext}"
 

@@ -114,16 +114,6 @@ def perceptual_hash(rgb: np.ndarray, grey: np.ndarray | None = None) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
-def hamming(hash_a: str, hash_b: str) -> int:
-    return (int(hash_a, 16) ^ int(hash_b, 16)).bit_count()
-
-
-def stain_optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Per-pixel haematoxylin / eosin / residual optical densities (HxWx3) by colour deconvolution."""
-    od = -np.log(np.clip(rgb.astype(np.float32), 1, 255) / 255.0)
-    return od.reshape(-1, 3) @ _HE_INVERSE.astype(np.float32)
-
-
 # Per-level lookup tables: facts reduce to per-channel histograms, which keeps them ~0.3 ms per image.
 _OD_OF_LEVEL = -np.log(np.clip(np.arange(256, dtype=np.float64), 1, 255) / 255.0)
 MIN_HUE_SATURATION = 20  # HSV saturation (0-255) below which a pixel has no usable hue

@@ -5,7 +5,7 @@ one row per sha256 (an image brought by two sources counts once), minus every sh
 ``holdout`` source. Its version is a hash of the sorted (sha, label, split) triples, so the same data
 gives the same version.
 
-The split ledger (``manifests/splits/<task>.parquet``) maps sha → split and only ever grows: an image
+The split ledger (``layout.ledger_key``) maps sha → split and only ever grows: an image
 keeps its split forever. A new image inherits the split of its nearest near-duplicate (perceptual
 hash within ``NEAR_DUPLICATE_BITS``, so a re-encoded or slightly resized copy cannot leak from train
 into test), else of its group (patient or source, when the source sets ``group_by``), else a
@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.core.errors import LeukopsError
-from pipelines.data.imagefacts import FACT_COLUMNS
 from pipelines.core.taxonomy import get_task
+from pipelines.data.imagefacts import FACT_COLUMNS
+from pipelines.io import layout
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,8 +125,17 @@ def assign_splits(candidates: pd.DataFrame, ledger: pd.DataFrame, max_bits: int 
         filled += 1
         splits.append(split)
         known[row.sha256] = split
-        added.append({"sha256": row.sha256, "split": split, "phash": row.phash, "label": row.label,
-                      "group": row.group, "source": row.source, "assigned_by": how})  # fmt: skip
+        added.append(
+            {
+                "sha256": row.sha256,
+                "split": split,
+                "phash": row.phash,
+                "label": row.label,
+                "group": row.group,
+                "source": row.source,
+                "assigned_by": how,
+            }
+        )
     grown = pd.concat([ledger, pd.DataFrame(added, columns=list(LEDGER_COLUMNS))], ignore_index=True)
     return candidates.assign(split=candidates["sha256"].map(known)), grown
 
@@ -217,12 +227,8 @@ def empty_ledger() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in LEDGER_COLUMNS})
 
 
-def ledger_key(task: str) -> str:
-    return f"manifests/splits/{task}.parquet"
-
-
 def load_ledger(store: ObjectStore, task: str) -> pd.DataFrame:
-    key = ledger_key(task)
+    key = layout.ledger_key(task)
     return store.get_parquet(key) if store.exists(key) else empty_ledger()
 
 
@@ -236,7 +242,7 @@ def take_snapshot(store: ObjectStore, settings: Settings, task: str) -> Snapshot
     """Build, store and publish the task's snapshot (dataset parquet, summary, ledger, then ``latest``)."""
     import pandas as pd
 
-    from pipelines.data.ingest import accepted_rows, all_manifests
+    from pipelines.data.manifests import accepted_rows, all_manifests
     from pipelines.data.sources import list_sources
 
     get_task(task)
@@ -252,14 +258,15 @@ def take_snapshot(store: ObjectStore, settings: Settings, task: str) -> Snapshot
 
 def _store(store: ObjectStore, task: str, result: SnapshotResult, sources: list[str]) -> None:
     version = result.snapshot.version
-    dataset_key = f"manifests/datasets/{task}/{version}.parquet"
+    dataset_key = layout.dataset_key(task, version)
     if not store.exists(dataset_key):
         store.put_parquet(dataset_key, result.snapshot.frame)
     summary = snapshot_summary(task, result) | {"sources": sources, "uri": store.uri(dataset_key)}
-    store.put_json(f"manifests/datasets/{task}/{version}.json", summary)
+    store.put_json(layout.dataset_summary_key(task, version), summary)
     if result.new_in_ledger:
-        store.put_parquet(ledger_key(task), result.ledger)
-    store.put_json(f"manifests/datasets/{task}/latest.json", {"version": version, "uri": store.uri(dataset_key)})
+        store.put_parquet(layout.ledger_key(task), result.ledger)
+    pointer = {"version": version, "uri": store.uri(dataset_key)}
+    store.put_json(layout.latest_dataset_pointer_key(task), pointer)
 
 
 def snapshot_summary(task: str, result: SnapshotResult) -> dict[str, Any]:
@@ -278,11 +285,11 @@ def snapshot_summary(task: str, result: SnapshotResult) -> dict[str, Any]:
 def load_snapshot(store: ObjectStore, task: str, version: str | None = None) -> Snapshot:
     """A stored snapshot of ``task`` (``version=None``: the latest published one)."""
     if version is None:
-        pointer = f"manifests/datasets/{task}/latest.json"
+        pointer = layout.latest_dataset_pointer_key(task)
         if not store.exists(pointer):
             raise SnapshotError(f"no snapshot of task {task!r} yet (run `leukops snapshot --task {task}`)")
         version = store.get_json(pointer)["version"]
-    key = f"manifests/datasets/{task}/{version}.parquet"
+    key = layout.dataset_key(task, version)
     if not store.exists(key):
         raise SnapshotError(f"no snapshot {version!r} of task {task!r} at {store.uri(key)}")
     frame = store.get_parquet(key)

@@ -4,8 +4,8 @@ The suite lives in ``expectations/suites/<name>.json`` (versioned in git, its ``
 every batch id). Each row-level expectation carries a ``reason`` (or ``reason_column``) and a
 ``message`` template in its meta, so a failing row is rejected with a short code and a sentence that
 names the value. A failing ``level: batch`` expectation, or a rejected share above the suite's
-``max_rejected_share``, quarantines the whole batch. The run also renders GX Data Docs into a folder
-the caller uploads.
+``max_rejected_share``, quarantines the whole batch. ``validate_and_report`` also renders GX Data Docs
+and uploads them, with the result JSON, under a report prefix (``layout.validation_report_prefix``).
 """
 
 from __future__ import annotations
@@ -13,17 +13,22 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.core.errors import LeukopsError
+from pipelines.io import layout
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from pipelines.core.settings import Settings
+    from pipelines.data.sources import Source
+    from pipelines.io.storage import ObjectStore
 
 DOCS_SITE = "leukops"
 
@@ -210,3 +215,48 @@ def validate_manifest(
             f"rejected_share: {share:.0%} of files rejected, above the suite's {suite.max_rejected_share:.0%} limit"
         )
     return Validation(judged, reasons, share, gx_result.to_json_dict(), suite.version)
+
+
+def batch_summary(validation: Validation, source: Source, batch_id: str) -> dict[str, Any]:
+    """The verdict on a batch in a few numbers: kept with its reports and its quarantine records."""
+    frame = validation.frame
+    return {
+        "source": source.name,
+        "batch_id": batch_id,
+        "suite_version": validation.suite_version,
+        "accepted": int((frame["status"] == "accepted").sum()),
+        "rejected": int((frame["status"] == "rejected").sum()),
+        "rejected_share": validation.rejected_share,
+        "quarantine_reasons": validation.quarantine_reasons,
+        "gx_success": validation.result.get("success"),
+    }
+
+
+def _upload_docs(store: ObjectStore, docs_dir: Path, prefix: str, pool: ThreadPoolExecutor) -> str:
+    def upload(path: Path) -> str:
+        return store.put_bytes(layout.data_docs_key(prefix, path.relative_to(docs_dir).as_posix()), path.read_bytes())
+
+    list(pool.map(upload, [p for p in docs_dir.rglob("*") if p.is_file()]))
+    return store.uri(layout.data_docs_key(prefix))
+
+
+def validate_and_report(
+    store: ObjectStore,
+    frame: pd.DataFrame,
+    source: Source,
+    suite: Suite,
+    batch_id: str,
+    report_prefix: str,
+    pool: ThreadPoolExecutor,
+) -> tuple[Validation, str, str]:
+    """GX suite on the manifest; (validation, Data Docs URI, result URI), both uploaded under ``report_prefix``."""
+    with tempfile.TemporaryDirectory(prefix="leukops-gx-") as tmp:
+        validation = validate_manifest(
+            frame, suite, list(source.canonical_classes), docs_dir=Path(tmp), run_name=batch_id
+        )
+        docs = _upload_docs(store, Path(tmp), report_prefix, pool)
+    result_uri = store.put_json(
+        layout.validation_result_key(report_prefix),
+        {**batch_summary(validation, source, batch_id), "gx": validation.result},
+    )
+    return validation, docs, result_uri

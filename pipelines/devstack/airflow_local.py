@@ -2,25 +2,32 @@
 the S3 and MLflow connections built from the settings, ``dags test`` runs and ``airflow standalone``.
 
 Airflow always runs as a subprocess with this environment, so the same DAG files run here, in the
-tests and in compose (where the connections come from the init container instead).
+tests and in compose (where the connections come from the init container instead). Outcomes are read
+back through Airflow's public interfaces, never its tables: the CLI's JSON output for runs and task
+states, and the REST API (``airflow_rest``) for XComs and asset events, which the CLI does not print.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings
+from pipelines.devstack import airflow_rest
+from pipelines.devstack.processes import executable, venv_bin_dir
 
 S3_CONN_ID = "leukops_s3"
 MLFLOW_CONN_ID = "leukops_mlflow"
 GPU_POOL = "gpu"
+RUN_TIMEOUT_S = 1800
+QUERY_TIMEOUT_S = 300
 
 
 class AirflowRunError(LeukopsError):
@@ -55,14 +62,19 @@ def connection_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def airflow_env(settings: Settings, dags_dir: Path) -> dict[str, str]:
+def airflow_env(settings: Settings, dags_dir: Path | None = None) -> dict[str, str]:
+    """The environment of every Airflow subprocess: this AIRFLOW_HOME, the connections, the settings.
+
+    The venv's bin directory leads PATH because Airflow starts its own sub-commands (scheduler, task
+    runners) by the bare name ``airflow``, which must resolve without an activated venv.
+    """
     home = airflow_home(settings)
     env = os.environ.copy()
     env.update(connection_env(settings))
     env.update(
         {
+            "PATH": os.pathsep.join(filter(None, [str(venv_bin_dir()), env.get("PATH")])),
             "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_dir.resolve()),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
@@ -76,19 +88,37 @@ def airflow_env(settings: Settings, dags_dir: Path) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")])),
         }
     )
+    if dags_dir is not None:
+        env["AIRFLOW__CORE__DAGS_FOLDER"] = str(dags_dir.resolve())
     return env
 
 
-def _airflow(settings: Settings, dags_dir: Path, *args: str, log: Path | None = None, timeout_s: float = 1800):
-    command = [str(Path(sys.executable).parent / "airflow"), *args]
-    env = airflow_env(settings, dags_dir)
-    if log is None:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if result.returncode != 0:
-            raise AirflowRunError(f"`airflow {' '.join(args)}` failed:\n{result.stderr[-3000:]}")
-        return result
-    with log.open("w") as out:
-        return subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+def _run(command: list[str], env: dict[str, str], what: str, timeout_s: float) -> str:
+    """Run a command to completion; its stdout, or AirflowRunError with the tail of its stderr."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if result.returncode != 0:
+        raise AirflowRunError(f"`{what}` failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def _airflow(settings: Settings, dags_dir: Path | None, *args: str, timeout_s: float = RUN_TIMEOUT_S) -> str:
+    command = [executable("airflow"), *args]
+    return _run(command, airflow_env(settings, dags_dir), f"airflow {' '.join(args)}", timeout_s)
+
+
+def last_json_line(stdout: str) -> Any:
+    """The JSON document a command printed last: Airflow's logging shares stdout with it."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise AirflowRunError("expected JSON output, got nothing")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as err:
+        raise AirflowRunError(f"expected JSON as the last output line, got {lines[-1][:300]!r}") from err
+
+
+def _airflow_json(settings: Settings, *args: str) -> Any:
+    return last_json_line(_airflow(settings, None, *args, "--output", "json", timeout_s=QUERY_TIMEOUT_S))
 
 
 def init(settings: Settings, dags_dir: Path) -> Path:
@@ -102,79 +132,74 @@ def init(settings: Settings, dags_dir: Path) -> Path:
 
 
 def dags_test(settings: Settings, dags_dir: Path, dag_id: str, conf: dict | None = None) -> DagRunResult:
-    """Run one DAG run in-process with `airflow dags test`; return its final state and task states."""
+    """Run one DAG run in-process with `airflow dags test`; return its final state and task states.
+
+    The run gets a logical date of our choosing (now, as `dags test` would pick), which is how we find
+    it afterwards among the DAG's runs.
+    """
+    logical_date = datetime.now(UTC)
     logs = airflow_home(settings) / "dags-test-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    before = _run_ids(settings, dag_id)
-    log = logs / f"{dag_id}-{len(before) + 1}.log"
-    args = ["dags", "test", dag_id] + (["--conf", json.dumps(conf)] if conf else [])
-    _airflow(settings, dags_dir, *args, log=log)
-    new = [run for run in _run_ids(settings, dag_id) if run not in before]
-    if not new:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        raise AirflowRunError(f"`airflow dags test {dag_id}` created no DAG run; log {log}:\n{tail}")
-    run_id = new[-1]
-    state = _run_state(settings, dag_id, run_id)
-    return DagRunResult(dag_id, run_id, state, task_states(settings, dag_id, run_id), log)
+    log = logs / f"{dag_id}-{logical_date:%Y%m%dT%H%M%S%f}.log"
+    args = ["dags", "test", dag_id, logical_date.isoformat()] + (["--conf", json.dumps(conf)] if conf else [])
+    with log.open("w") as out:  # a failed DAG run exits non-zero: its state is read back, not raised
+        command, env = [executable("airflow"), *args], airflow_env(settings, dags_dir)
+        subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+    run = _run_at(settings, dag_id, logical_date, log)
+    return DagRunResult(dag_id, run["run_id"], run["state"], task_states(settings, dag_id, run["run_id"]), log)
 
 
-def _db(settings: Settings) -> sqlite3.Connection:
-    return sqlite3.connect(airflow_home(settings) / "airflow.db")
+def _run_at(settings: Settings, dag_id: str, logical_date: datetime, log: Path) -> dict[str, str]:
+    """The DAG's run with this logical date, from `airflow dags list-runs`."""
+    try:
+        runs = _airflow_json(settings, "dags", "list-runs", dag_id)
+    except AirflowRunError as err:  # e.g. the DAG failed to parse, so it never reached the metadata DB
+        raise _no_run_error(dag_id, log) from err
+    for run in runs:
+        if run["logical_date"] and datetime.fromisoformat(run["logical_date"]) == logical_date:
+            return run
+    raise _no_run_error(dag_id, log)
 
 
-def _run_ids(settings: Settings, dag_id: str) -> list[str]:
-    with _db(settings) as db:
-        rows = db.execute("SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id", (dag_id,)).fetchall()
-    return [r[0] for r in rows]
-
-
-def _run_state(settings: Settings, dag_id: str, run_id: str) -> str:
-    with _db(settings) as db:
-        row = db.execute("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)).fetchone()
-    return row[0]
+def _no_run_error(dag_id: str, log: Path) -> AirflowRunError:
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    return AirflowRunError(f"`airflow dags test {dag_id}` created no DAG run; log {log}:\n{tail}")
 
 
 def task_states(settings: Settings, dag_id: str, run_id: str) -> dict[str, list[str]]:
-    """task_id -> states of its instances (one per map index)."""
-    with _db(settings) as db:
-        rows = db.execute(
-            "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ? ORDER BY task_id, map_index",
-            (dag_id, run_id),
-        ).fetchall()
+    """task_id -> states of its instances (one per map index, in map-index order)."""
+    rows = _airflow_json(settings, "tasks", "states-for-dag-run", dag_id, run_id)
+    rows.sort(key=lambda r: (r["task_id"], int(r.get("map_index") or -1)))
     states: dict[str, list[str]] = {}
-    for task_id, state in rows:
-        states.setdefault(task_id, []).append(state)
+    for row in rows:
+        states.setdefault(row["task_id"], []).append(row["state"])
     return states
+
+
+def _rest(settings: Settings, queries: list[dict[str, Any]]) -> list[Any]:
+    """Answers to ``airflow_rest`` queries, all from one API process."""
+    command = [sys.executable, "-m", airflow_rest.__name__, json.dumps(queries)]
+    env = airflow_env(settings) | airflow_rest.API_ENV
+    return last_json_line(_run(command, env, f"Airflow REST API {queries}", QUERY_TIMEOUT_S))
+
+
+def task_returns(settings: Settings, instances: list[tuple[str, str, str]]) -> list[list]:
+    """For each (dag_id, run_id, task_id): the return values (XCom) of its instances, in map-index order."""
+    queries = [{"query": "xcom-returns", "dag_id": d, "run_id": r, "task_id": t} for d, r, t in instances]
+    return _rest(settings, queries)
 
 
 def task_return(settings: Settings, dag_id: str, run_id: str, task_id: str) -> list:
     """The return values (XCom) of a task's instances in one run, in map-index order."""
-    with _db(settings) as db:
-        rows = db.execute(
-            "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = 'return_value' "
-            "ORDER BY map_index",
-            (dag_id, run_id, task_id),
-        ).fetchall()
-    return [json.loads(value) for (value,) in rows]
+    return task_returns(settings, [(dag_id, run_id, task_id)])[0]
 
 
 def asset_events(settings: Settings, asset_name: str, dag_id: str | None = None) -> list[dict]:
     """Events emitted for an asset (optionally by one DAG), oldest first, with their extra."""
-    query = (
-        "SELECT e.source_dag_id, e.source_run_id, e.extra, e.timestamp FROM asset_event e "
-        "JOIN asset a ON a.id = e.asset_id WHERE a.name = ?"
-    )
-    params: tuple = (asset_name,)
-    if dag_id:
-        query += " AND e.source_dag_id = ?"
-        params += (dag_id,)
-    with _db(settings) as db:
-        rows = db.execute(query + " ORDER BY e.id", params).fetchall()
-    return [{"dag_id": d, "run_id": r, "extra": json.loads(x or "{}"), "timestamp": t} for d, r, x, t in rows]
+    return _rest(settings, [{"query": "asset-events", "asset_name": asset_name, "dag_id": dag_id}])[0]
 
 
 def standalone(settings: Settings, dags_dir: Path) -> int:
     """`airflow standalone` (api-server on :8080, scheduler, dag-processor, triggerer) on these settings."""
     init(settings, dags_dir)
-    command = [str(Path(sys.executable).parent / "airflow"), "standalone"]
-    return subprocess.call(command, env=airflow_env(settings, dags_dir))
+    return subprocess.call([executable("airflow"), "standalone"], env=airflow_env(settings, dags_dir))

@@ -19,6 +19,15 @@ from typing import Any
 
 from pipelines.core.settings import Settings
 
+# summary section -> (DAG, task) whose return values it shows
+SUMMARY_RETURNS = {
+    "ingest": ("leukops_ingest", "ingest_and_validate"),
+    "snapshot": ("leukops_nightly_retrain", "snapshot"),
+    "candidates": ("leukops_nightly_retrain", "explain"),
+    "promotion": ("leukops_nightly_retrain", "gate_and_promote"),
+    "drift": ("leukops_drift", "check_drift"),
+    "retrain_request": ("leukops_drift", "request_retrain"),
+}
 DEMO_GRID = {
     "LEUKOPS_RETRAIN__BACKBONES": '["efficientnet_lite0"]',
     "LEUKOPS_RETRAIN__AUGMENTATIONS": '["none", "mixup"]',
@@ -60,9 +69,9 @@ def demo_settings(settings: Settings, task: str, image_size: int) -> Settings:
 
 
 def register_sources(settings: Settings, task: str, data: Path | None, per_class: int, size: int) -> list[str]:
+    from pipelines.core.taxonomy import get_task
     from pipelines.data.sources import Source, save_source
     from pipelines.devstack.synthetic import write_synthetic
-    from pipelines.core.taxonomy import get_task
 
     classes = get_task(task).classes
     identity = {c: c for c in classes}
@@ -70,13 +79,25 @@ def register_sources(settings: Settings, task: str, data: Path | None, per_class
     if not (synth_dir / "synth.json").exists():
         write_synthetic(synth_dir, task, per_class, size, seed=0)
     sources = [
-        Source(f"demo-synth-{task}", str(synth_dir / "images"), "folders", identity, (task,),
-               notes="synthetic smears written by `leukops demo`")  # fmt: skip
+        Source(
+            f"demo-synth-{task}",
+            str(synth_dir / "images"),
+            "folders",
+            identity,
+            (task,),
+            notes="synthetic smears written by `leukops demo`",
+        )
     ]
     if data is not None:
         sources.append(
-            Source(f"demo-data-{task}", str(data.resolve()), "folders", identity, (task,),
-                   notes="real image folder given to `make demo DATA=...`")  # fmt: skip
+            Source(
+                f"demo-data-{task}",
+                str(data.resolve()),
+                "folders",
+                identity,
+                (task,),
+                notes="real image folder given to `make demo DATA=...`",
+            )
         )
     for source in sources:
         save_source(source, settings, replace=True)
@@ -93,16 +114,26 @@ def _run(demo: DemoRun, dag_id: str) -> dict[str, Any]:
     return {"run_id": result.run_id, "state": result.state, "tasks": result.task_states, "log": str(result.log_path)}
 
 
-def _returns(demo: DemoRun, dag_id: str, task_id: str) -> list:
-    from pipelines.devstack.airflow_local import task_return
+def _returns(demo: DemoRun) -> dict[str, list]:
+    """The summary's sections (``SUMMARY_RETURNS``), read from the runs' XComs in one query."""
+    from pipelines.devstack.airflow_local import task_returns
 
-    return task_return(demo.settings, dag_id, demo.runs[dag_id], task_id)
+    instances = [(dag_id, demo.runs[dag_id], task_id) for dag_id, task_id in SUMMARY_RETURNS.values()]
+    return dict(zip(SUMMARY_RETURNS, task_returns(demo.settings, instances), strict=True))
 
 
-def run_demo(settings: Settings, task: str, data: Path | None, dags_dir: Path, *, per_class: int = 40,
-             image_size: int = 128, say: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+def run_demo(
+    settings: Settings,
+    task: str,
+    data: Path | None,
+    dags_dir: Path,
+    *,
+    per_class: int = 40,
+    image_size: int = 128,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
     from pipelines.devstack.airflow_local import init
-    from pipelines.devstack.localstack import LocalStack
+    from pipelines.devstack.stack import LocalStack
 
     settings = demo_settings(settings, task, image_size)
     demo = DemoRun(settings, dags_dir, say)
@@ -112,19 +143,13 @@ def run_demo(settings: Settings, task: str, data: Path | None, dags_dir: Path, *
     demo.step(f"sources registered: {', '.join(names)}")
     init(settings, dags_dir)
     dag_runs = {dag: _run(demo, dag) for dag in ("leukops_ingest", "leukops_nightly_retrain", "leukops_drift")}
-    summary = {
+    return {
         "task": task,
         "dag_runs": dag_runs,
-        "ingest": _returns(demo, "leukops_ingest", "ingest_and_validate"),
-        "snapshot": _returns(demo, "leukops_nightly_retrain", "snapshot"),
-        "candidates": _returns(demo, "leukops_nightly_retrain", "explain"),
-        "promotion": _returns(demo, "leukops_nightly_retrain", "gate_and_promote"),
-        "drift": _returns(demo, "leukops_drift", "check_drift"),
-        "retrain_request": _returns(demo, "leukops_drift", "request_retrain"),
+        **_returns(demo),
         "wall_s": round(time.monotonic() - demo.started, 1),
         "mlflow_ui": settings.mlflow_tracking_uri,
     }
-    return summary
 
 
 def _pct(value: Any) -> str:
@@ -164,6 +189,10 @@ def render_summary(summary: dict[str, Any]) -> str:
         if verdict.get("note"):
             lines.append(f"drift   {verdict['task']}: {verdict['note']}")
     state = summary["dag_runs"]["leukops_drift"]["tasks"].get("request_retrain", ["?"])[0]
-    lines += [f"retrain request from drift: {state}", "", f"MLflow UI: {summary['mlflow_ui']}",
-              "Airflow UI: `make airflow-up` then http://localhost:8080"]  # fmt: skip
+    lines += [
+        f"retrain request from drift: {state}",
+        "",
+        f"MLflow UI: {summary['mlflow_ui']}",
+        "Airflow UI: `make airflow-up` then http://localhost:8080",
+    ]
     return "\n".join(lines)

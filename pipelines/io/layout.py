@@ -71,8 +71,41 @@ def rejected_original_key(source: str, batch_id: str, sha256: str, ext: str) -> 
     return f"{quarantined_batch_prefix(source, batch_id)}/rejected/{sha256}.{ext}"
 
 
+HELD_MANIFEST = "manifest.parquet"  # a held batch's manifest, inside its quarantine prefix
+
+
+def quarantined_manifest_key(source: str, batch_id: str) -> str:
+    return f"{quarantined_batch_prefix(source, batch_id)}/{HELD_MANIFEST}"
+
+
+def batch_of_quarantined_manifest_key(key: str) -> tuple[str, str] | None:
+    """(source, batch_id) of a held manifest key; None for the other objects of a held batch."""
+    parts = key.removeprefix(f"{QUARANTINE}/").split("/")
+    return (parts[0], parts[1]) if len(parts) == 3 and parts[2] == HELD_MANIFEST else None
+
+
+def quarantine_event_key(source: str, batch_id: str, event: str) -> str:
+    """The audit record of a held batch: ``event`` is "quarantined" (when held) or "released"."""
+    return f"{quarantined_batch_prefix(source, batch_id)}/{event}.json"
+
+
 def validation_report_prefix(run_date: str, batch_id: str) -> str:
     return f"{VALIDATION_REPORTS}/{run_date}/{batch_id}"
+
+
+def release_report_prefix(run_date: str, batch_id: str) -> str:
+    """The report of a release's re-validation, beside the batch's first one."""
+    return validation_report_prefix(run_date, f"{batch_id}-release")
+
+
+def validation_result_key(prefix: str) -> str:
+    """The validation result JSON in a report folder (or in a held batch's quarantine prefix)."""
+    return f"{prefix}/validation.json"
+
+
+def data_docs_key(report_prefix: str, relative: str = "index.html") -> str:
+    """A file of the GX Data Docs site uploaded under a report prefix (default: its index page)."""
+    return f"{report_prefix}/{relative}"
 
 
 # --- split ledger and dataset snapshots --------------------------------------------------------------------
@@ -107,6 +140,12 @@ def drift_report_keys(run_date: date, report_id: str) -> tuple[str, str]:
 
 def drift_reference_prefix(task: str, run_id: str, digest: str) -> str:
     return f"{DRIFT_REFERENCES}/{task}/{run_id}/{digest}"
+
+
+def drift_reference_keys(task: str, run_id: str, digest: str) -> tuple[str, str]:
+    """(features.parquet, pca.json) keys of one cached champion reference."""
+    base = drift_reference_prefix(task, run_id, digest)
+    return f"{base}/features.parquet", f"{base}/pca.json"
 
 
 # --- serving request log ------------------------------------------------------------------------------------
@@ -151,12 +190,22 @@ def drift_verdict_key(task: str, run_id: str) -> str:
     return f"{STATE}/drift/{task}/runs/{_safe(run_id)}.json"
 
 
+def drift_dag_report_id(task: str, current: str, run_id: str) -> str:
+    """The report id (see ``drift_report_keys``) of one current set checked by one drift DAG run."""
+    return f"{task}-{current.replace(':', '-')}-{_safe(run_id)}"
+
+
+# --- local stack health probe ------------------------------------------------------------------------------
+HEALTH_PROBE_KEY = "_health/ping"  # overwritten by every health check of the embedded S3 server
+
+
 # --- MLflow: run artifacts and model URIs ------------------------------------------------------------------
 MODEL_ARTIFACT_PATH = "model"  # the model bundle inside a run (weights + bundle.json)
 RUN_CONFIG = "config.json"
 SPLIT_COUNTS = "dataset/split_counts.json"
 TEST_REPORT = "evaluation/test_report.json"
 CONFUSION_MATRIX = "evaluation/confusion_matrix.png"
+PER_CLASS_REPORT = "evaluation/per_class_report.txt"
 EXPLAIN_METRICS = "explain/metrics.json"
 EXPLAIN_OVERLAYS = "explain/overlays"
 GATE_REPORT_JSON = "gate/report.json"
@@ -181,3 +230,13 @@ def run_artifact_uri(run_id: str, artifact_path: str) -> str:
 
 def registered_version_uri(name: str, version: str | int) -> str:
     return f"models:/{name}/{version}"
+
+
+def alias_uri(name: str, alias: str) -> str:
+    """The version an alias (``champion``, ``previous``, ``challenger``) of a registered model points at."""
+    return f"models:/{name}@{alias}"
+
+
+def logged_model_uri(model_id: str) -> str:
+    """An MLflow 3 logged model (what a registered version's source is when the run logged one)."""
+    return f"models:/{model_id}"

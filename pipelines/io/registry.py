@@ -25,11 +25,18 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings
+from pipelines.io.layout import (
+    MODEL_ARTIFACT_PATH,
+    logged_model_uri,
+    registered_version_uri,
+    run_artifact_uri,
+    run_model_uri,
+)
+from pipelines.io.search_filter import quoted
 
 log = logging.getLogger(__name__)
 
 ALIASES = ("champion", "previous", "challenger")
-MODEL_ARTIFACT_PATH = "model"
 AUDIT_PREFIX = "audit."
 GATE_TAG_PREFIX = "gate."  # the promotion gate's version tags (pipelines.trust.promote.version_tags)
 _RESTORE_ORDER = ("champion", "previous", "challenger")  # champion first: it is what serving reads
@@ -60,6 +67,11 @@ class VersionRecord:
     aliases: tuple[str, ...]
     tags: dict[str, str]
     description: str
+
+    @property
+    def model_uri(self) -> str:
+        """The version's canonical model: its training run's bundle (the registry copy if it has no run)."""
+        return run_model_uri(self.run_id) if self.run_id else registered_version_uri(self.name, self.version)
 
     @property
     def audit(self) -> list[dict[str, Any]]:
@@ -139,9 +151,9 @@ class Registry:
 
     @_translated
     def log_text(self, run_id: str, text: str, artifact_file: str) -> str:
-        """Store ``text`` as an artifact of the run; returns its ``runs:/`` URI."""
+        """Store ``text`` as an artifact of the run; returns its run-artifact URI (``layout.run_artifact_uri``)."""
         self.client.log_text(run_id, text, artifact_file)
-        return f"runs:/{run_id}/{artifact_file}"
+        return run_artifact_uri(run_id, artifact_file)
 
     @_translated
     def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -182,13 +194,17 @@ class Registry:
     @_translated
     def versions(self, task: str) -> list[VersionRecord]:
         name = self.model_name(task)
-        found = self.client.search_model_versions(f"name = '{name}'", max_results=10_000)
+        found = self.client.search_model_versions(f"name = {quoted(name)}", max_results=10_000)
         return sorted((_version_record(mv) for mv in found), key=lambda v: int(v.version))
+
+    def at_alias(self, task: str, alias: str) -> VersionRecord | None:
+        """The version ``@alias`` points to, or None while the alias is unset."""
+        version = self.aliases(task).get(alias)
+        return None if version is None else self.version(task, version)
 
     def champion(self, task: str) -> VersionRecord | None:
         """The version ``@champion`` points to, or None before the first promotion: the one champion lookup."""
-        version = self.aliases(task).get("champion")
-        return None if version is None else self.version(task, version)
+        return self.at_alias(task, "champion")
 
     def version_for_run(self, task: str, run_id: str) -> VersionRecord | None:
         return next((v for v in self.versions(task) if v.run_id == run_id), None)
@@ -234,10 +250,12 @@ class Registry:
         The logged model comes first: MLflow 3's ``list_artifacts(run, "model")`` also lists a logged
         model's files, while the run-artifact path it suggests holds nothing to load.
         """
-        logged = self.client.search_logged_models([run.experiment_id], filter_string=f"name = '{MODEL_ARTIFACT_PATH}'")
+        logged = self.client.search_logged_models(
+            [run.experiment_id], filter_string=f"name = {quoted(MODEL_ARTIFACT_PATH)}"
+        )
         mine = [m for m in logged if m.source_run_id == run.run_id]
         if mine:
-            return f"models:/{mine[-1].model_id}", mine[-1].model_id
+            return logged_model_uri(mine[-1].model_id), mine[-1].model_id
         if self.client.list_artifacts(run.run_id, MODEL_ARTIFACT_PATH):
             return f"{run.artifact_uri}/{MODEL_ARTIFACT_PATH}", None
         raise RegistryError(f"run {run.run_id} has no model at artifact path {MODEL_ARTIFACT_PATH!r}")

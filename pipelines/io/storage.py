@@ -5,8 +5,8 @@ retries transient failures with exponential backoff; credential and bucket error
 with a message that names the endpoint, the bucket and what to fix.
 
 S3 makes a PUT visible only when it completes (single-part and multipart alike), so a reader never sees
-a partial object; ``put_*`` therefore write straight to their final key. Content-addressed image keys
-are immutable: an existing key is never overwritten.
+a partial object; ``put_*`` therefore write straight to their final key. Originals and manifests
+(``layout.IMMUTABLE_PREFIXES``) are never deleted through the adapter.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import urllib3
@@ -25,6 +23,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from pipelines.core.errors import LeukopsError
+from pipelines.io import layout
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,21 +66,8 @@ class ObjectMissingError(StorageError, KeyError):
     pass
 
 
-@dataclass(frozen=True)
-class PutResult:
-    key: str
-    sha256: str
-    created: bool
-
-
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def content_key(sha256: str, ext: str) -> str:
-    """The key of an original image: ``raw/sha256/ab/cd/<sha>.<ext>`` (fan-out keeps listings small)."""
-    ext = ext.lower().lstrip(".") or "bin"
-    return f"raw/sha256/{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
 
 
 def content_type_for(key: str) -> str:
@@ -156,9 +142,7 @@ class ObjectStore:
             except (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, OSError) as err:
                 # 5xx without an S3 error body (a proxy's 502/503, a HEAD that failed): transient
                 if attempt == self.retries:
-                    raise StorageError(
-                        f"{what} {self._where(key)} failed after {attempt + 1} tries: {err}"
-                    ) from err
+                    raise StorageError(f"{what} {self._where(key)} failed after {attempt + 1} tries: {err}") from err
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
@@ -179,12 +163,6 @@ class ObjectStore:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def key_from_uri(self, uri: str) -> str:
-        prefix = f"s3://{self.bucket}/"
-        if not uri.startswith(prefix):
-            raise StorageError(f"{uri!r} is not in bucket {self.bucket!r}")
-        return uri[len(prefix) :]
-
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
         ctype = content_type or content_type_for(key)
         self._call(
@@ -193,15 +171,6 @@ class ObjectStore:
             lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=ctype),
         )
         return self.uri(key)
-
-    def put_content_addressed(self, data: bytes, ext: str, sha256: str | None = None) -> PutResult:
-        """Store image bytes under their sha256; the same bytes are never uploaded twice."""
-        sha = sha256 or sha256_hex(data)
-        key = content_key(sha, ext)
-        if self.exists(key):
-            return PutResult(key, sha, created=False)
-        self.put_bytes(key, data)
-        return PutResult(key, sha, created=True)
 
     def get_bytes(self, key: str) -> bytes:
         def read() -> bytes:
@@ -233,14 +202,9 @@ class ObjectStore:
 
     def delete(self, key: str) -> None:
         """Remove a derived object (reports, caches). Raw images and manifests are never deleted."""
-        if key.startswith(("raw/", "manifests/", "quarantine/")):
+        if key.startswith(layout.IMMUTABLE_PREFIXES):
             raise StorageError(f"refusing to delete {self._where(key)}: raw objects and manifests are immutable")
         self._call("delete", key, lambda: self.client.remove_object(self.bucket, key))
-
-    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
-        return self._call(
-            "presign", key, lambda: self.client.presigned_get_object(self.bucket, key, timedelta(seconds=expires_s))
-        )
 
     # -- typed helpers ------------------------------------------------------------------------------
 

@@ -1,218 +1,59 @@
-"""MLflow adapter: training runs and the canonical model artifact (with registry.py, the only mlflow user).
+"""MLflow adapter for runs: log params, metrics, tags, artifacts and datasets; fetch artifacts; find runs.
 
-A training run logs: params (the resolved config), per-epoch metrics, the dataset snapshot as MLflow
-inputs (one per split) plus version/count tags, evaluation metrics and artifacts, and ONE model at
-artifact path ``model``. That model is a pyfunc (so ``mlflow models serve`` serves it: base64 image in,
-class probabilities out) whose artifacts are the state dict and ``bundle.json`` — backbone name, classes,
-task and the full preprocessing dict, like a MONAI bundle's metadata. ``load_model`` rebuilds the real
-timm module through ``pipelines.model.backbones.create_backbone`` (named layers intact for Grad-CAM), unlike
-MLflow 3's default pytorch ``pt2`` export, which loads back as a layer-less GraphModule.
+With registry.py, the only mlflow user under ``pipelines/`` (``pipelines.model.pyfunc`` aside). It knows
+nothing of models or training: ``pipelines.model.bundle`` writes and reads the model bundle,
+``pipelines.model.pyfunc`` packages it for ``mlflow models serve``, and this module uploads or downloads the
+resulting folder like any other artifact. Metrics go out through ``MlflowClient.log_batch`` (one call per
+batch of metrics, whatever its size), and every value put into a search filter is quoted by
+``search_filter.quoted``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from importlib import metadata as importlib_metadata
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
-import torch
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
 
 from pipelines.core.errors import LeukopsError
-from pipelines.data.imagefacts import decode_image
+from pipelines.core.settings import Settings
+from pipelines.io import layout
+from pipelines.io.registry import RunRecord
+from pipelines.io.search_filter import quoted
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from pipelines.model.backbones import Backbone
-    from pipelines.core.settings import Settings
-    from pipelines.model.train import EpochRecord
-
-MODEL_ARTIFACT_PATH = "model"
-BUNDLE_FORMAT = 1
-BUNDLE_FILE = "bundle.json"
-WEIGHTS_FILE = "weights.pt"
 RUN_KEY_TAG = "leukops_run_key"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
-SERVING_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "opencv-python-headless")
 
 
 class TrackingError(LeukopsError):
     """An MLflow run or model could not be read or written; the message names the URI."""
 
 
-# -- the model bundle -----------------------------------------------------------------------------
+def _client(settings: Settings) -> mlflow.MlflowClient:
+    uri = settings.mlflow_tracking_uri
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@dataclass(frozen=True)
-class ModelBundle:
-    """What travels with the weights: enough to rebuild the module and preprocess exactly as in training."""
-
-    task: str
-    classes: list[str]
-    backbone: str
-    image_size: int
-    pretrained: bool  # how the trained weights started (ImageNet or random init)
-    preprocessing: dict[str, Any]  # pipelines.model.preprocess: ROI crop, corner mask, size, mean/std
-    gradcam_layer_name: str
-    # backbones.describe() (head size, dropout, data config, weights origin); {} = the factory's defaults
-    backbone_config: dict[str, Any] = field(default_factory=dict)
-    format: int = BUNDLE_FORMAT
-
-    @classmethod
-    def for_backbone(cls, task: str, classes: Sequence[str], backbone: Backbone, preprocessing: dict) -> ModelBundle:
-        from pipelines.model.backbones import describe
-
-        return cls(
-            task=task,
-            classes=list(classes),
-            backbone=backbone.name,
-            image_size=backbone.image_size,
-            pretrained=backbone.pretrained,
-            preprocessing=preprocessing,
-            gradcam_layer_name=backbone.gradcam_layer_name,
-            backbone_config=describe(backbone),
-        )
-
-    def build(self) -> Backbone:
-        """The architecture, randomly initialised, through the one factory (the caller loads the weights)."""
-        from pipelines.model.backbones import create_backbone, rebuild
-
-        if self.backbone_config:
-            return rebuild(self.backbone_config)
-        return create_backbone(self.backbone, len(self.classes), pretrained=False, image_size=self.image_size)
+def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
 
-@dataclass
-class LoadedModel:
-    """A trained classifier rebuilt from its artifact: the real timm module, in eval mode."""
-
-    module: nn.Module
-    backbone: Backbone
-    task: str
-    classes: list[str]
-    preprocessing: dict[str, Any]
-    run_id: str | None
-    bundle: ModelBundle
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def gradcam_layer(self) -> nn.Module:
-        return self.backbone.gradcam_layer
-
-    def batch(self, rgb_list: Sequence[np.ndarray]) -> torch.Tensor:
-        """The preprocessed input tensor (N×3×H×W) for these RGB uint8 images."""
-        from pipelines.model.preprocess import to_tensor_batch
-
-        return to_tensor_batch(list(rgb_list), self.preprocessing).to(self.device)
-
-    @torch.no_grad()
-    def predict_proba(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-        chunks = [
-            torch.softmax(self.module(self.batch(rgb_list[i : i + batch_size])).float(), dim=-1).cpu().numpy()
-            for i in range(0, len(rgb_list), batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)), np.float32)
-
-    @torch.no_grad()
-    def embed(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-        chunks = [
-            self.backbone.embed(self.batch(rgb_list[i : i + batch_size])).float().cpu().numpy()
-            for i in range(0, len(rgb_list), batch_size)
-        ]
-        return np.concatenate(chunks)
-
-
-def _rebuild(bundle_dir: Path, run_id: str | None, device: torch.device | None) -> LoadedModel:
-    raw = json.loads((bundle_dir / BUNDLE_FILE).read_text())
-    if raw.get("format") != BUNDLE_FORMAT:
-        raise TrackingError(f"{bundle_dir / BUNDLE_FILE}: unsupported bundle format {raw.get('format')!r}")
-    bundle = ModelBundle(**raw)
-    backbone = bundle.build()
-    state = torch.load(bundle_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    backbone.model.load_state_dict(state)
-    device = device or torch.device("cpu")
-    module = backbone.model.to(device).eval()
-    return LoadedModel(
-        module, backbone, bundle.task, list(bundle.classes), bundle.preprocessing, run_id, bundle, device
-    )
-
-
-def load_model(
-    model_uri: str, device: str | torch.device | None = None, settings: Settings | None = None
-) -> LoadedModel:
-    """Load a canonical model: ``runs:/<run_id>/model``, ``models:/leukops-<task>@champion``, or a path.
-
-    The files are fetched from the MLflow server of ``settings`` into a temporary folder, read, and removed.
-    """
-    from pipelines.core.settings import get_settings
-
-    uri = (settings or get_settings()).mlflow_tracking_uri
-    with tempfile.TemporaryDirectory(prefix="leukops-model-") as tmp:
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=model_uri, dst_path=tmp, tracking_uri=uri, registry_uri=uri
-                )
-            )
-        except (MlflowException, OSError) as err:
-            raise TrackingError(f"cannot download model {model_uri!r} from {uri}: {err}") from err
-        if not (local / "MLmodel").exists():
-            raise TrackingError(f"{model_uri!r} is not an MLflow model (no MLmodel file)")
-        bundle_dir = local / "artifacts"
-        if not (bundle_dir / BUNDLE_FILE).exists():
-            raise TrackingError(f"{model_uri!r} is not a leukops model (no artifacts/{BUNDLE_FILE})")
-        info = mlflow.models.Model.load(str(local / "MLmodel"))
-        run_id = info.run_id or (info.metadata or {}).get("run_id")
-        return _rebuild(bundle_dir, run_id, torch.device(device) if device else None)
-
-
-class LeukopsClassifier(mlflow.pyfunc.PythonModel):
-    """The pyfunc flavour: a DataFrame with a base64 ``image`` column → probabilities per class."""
-
-    def load_context(self, context) -> None:
-        self.model = _rebuild(Path(context.artifacts["bundle"]).parent, None, None)
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        rgb = [decode_image(_image_bytes(value)).rgb for value in model_input["image"]]
-        proba = self.model.predict_proba(rgb)
-        out = pd.DataFrame(proba, columns=self.model.classes)
-        out.insert(0, "confidence", proba.max(axis=1))
-        out.insert(0, "predicted_class", [self.model.classes[i] for i in proba.argmax(axis=1)])
-        return out
-
-
-def _image_bytes(value: str | bytes) -> bytes:
-    return value if isinstance(value, bytes) else base64.b64decode(value)
-
-
-def model_signature(classes: Sequence[str]) -> ModelSignature:
-    outputs = [ColSpec("string", "predicted_class"), ColSpec("double", "confidence")]
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "image")]),
-        outputs=Schema(outputs + [ColSpec("double", c) for c in classes]),
-    )
-
-
-def _pip_requirements() -> list[str]:
-    return [f"mlflow=={mlflow.__version__}"] + [
-        f"{name}=={importlib_metadata.version(name)}" for name in SERVING_REQUIREMENTS
-    ]
-
-
-# -- training runs --------------------------------------------------------------------------------
+def _log_files(client: mlflow.MlflowClient, run_id: str, artifacts: dict[str, bytes]) -> None:
+    """Upload ``artifacts`` (path in the run -> bytes) to a run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact_file, data in artifacts.items():
+            path = Path(tmp) / artifact_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        client.log_artifacts(run_id, tmp)
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -223,8 +64,22 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def _run_record(run) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        artifact_uri=run.info.artifact_uri,
+        metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+    )
+
+
+# -- training runs --------------------------------------------------------------------------------
+
+
 class TrainingTracker:
-    """One training run in MLflow; also a ``pipelines.model.train`` callback that logs every epoch.
+    """One training run in MLflow, open while the ``with`` block runs.
 
     A run keyed by ``run_key`` that did not finish (a crash) is reopened rather than duplicated, matching
     the training checkpoint that resumes under the same key.
@@ -232,6 +87,7 @@ class TrainingTracker:
 
     def __init__(self, settings: Settings, *, run_key: str, run_name: str, tags: dict[str, str]) -> None:
         self.settings = settings
+        self.client = _client(settings)
         self.run_key = run_key
         self.run_name = run_name
         self.tags = {**tags, RUN_KEY_TAG: run_key}
@@ -243,10 +99,9 @@ class TrainingTracker:
             experiment = mlflow.set_experiment(self.settings.mlflow_experiment)
         except MlflowException as err:
             raise TrackingError(f"MLflow at {self.settings.mlflow_tracking_uri} refused the experiment: {err}") from err
-        unfinished = mlflow.search_runs(
+        unfinished = self.client.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.{RUN_KEY_TAG} = '{self.run_key}' and attributes.status != 'FINISHED'",
-            output_format="list",
+            filter_string=f"tags.{RUN_KEY_TAG} = {quoted(self.run_key)} and attributes.status != 'FINISHED'",
             max_results=1,
         )
         run_id = unfinished[0].info.run_id if unfinished else None
@@ -259,10 +114,11 @@ class TrainingTracker:
             mlflow.end_run("FINISHED" if exc_type is None else "FAILED")
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Flattened params (a reopened run keeps the ones it has) and the whole dict as the run's config."""
         flat = {k: str(v)[:MAX_PARAM_CHARS] for k, v in _flatten("", params).items()}
-        existing = mlflow.get_run(self.run_id).data.params
-        mlflow.log_params({k: v for k, v in flat.items() if k not in existing})  # a reopened run keeps its params
-        mlflow.log_dict(params, "config.json")
+        existing = self.client.get_run(self.run_id).data.params
+        mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
+        mlflow.log_dict(params, layout.RUN_CONFIG)
 
     def log_snapshot(self, task: str, version: str, frame: pd.DataFrame, source_uri: str) -> None:
         """Dataset version and split counts as tags, and each split as an MLflow dataset input."""
@@ -270,7 +126,7 @@ class TrainingTracker:
         tags = {"dataset_version": version, "task": task}
         tags |= {f"n_{split}": str(int(n)) for split, n in frame["split"].value_counts().items()}
         mlflow.set_tags(tags)
-        mlflow.log_dict({f"{s}/{c}": int(n) for (s, c), n in counts.items()}, "dataset/split_counts.json")
+        mlflow.log_dict({f"{s}/{c}": int(n) for (s, c), n in counts.items()}, layout.SPLIT_COUNTS)
         for split, rows in frame.groupby("split"):
             dataset = mlflow.data.from_pandas(
                 rows[["sha256", "key", "label"]].reset_index(drop=True),
@@ -280,14 +136,8 @@ class TrainingTracker:
             )
             mlflow.log_input(dataset, context=str(split))
 
-    def on_epoch_end(self, record: EpochRecord) -> None:
-        """Per-epoch curves under ``epoch/``; run-level ``val_macro_f1`` = the best epoch's (logged last)."""
-        values = asdict(record)
-        keys = ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr", "images_per_s")
-        mlflow.log_metrics({f"epoch/{k}": float(values[k]) for k in keys}, step=record.epoch)
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        _log_metrics(self.client, self.run_id, metrics, step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
@@ -301,63 +151,46 @@ class TrainingTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         mlflow.log_text(text, artifact_file)
 
-    def log_model(self, bundle: ModelBundle, state_dict: dict[str, torch.Tensor], example_image: bytes) -> str:
-        """Log the canonical model as the run's artifact folder ``model``; returns ``runs:/<run_id>/model``.
-
-        Saved locally and uploaded as plain run artifacts (not ``log_model``'s separate MLflow 3 LoggedModel
-        store), so ``runs:/<id>/model``, a registered version's ``models:/`` URI and ``mlflow models serve``
-        all resolve to the same files.
-        """
-        with tempfile.TemporaryDirectory() as tmp:
-            bundle_dir = Path(tmp) / "bundle"
-            bundle_dir.mkdir()
-            (bundle_dir / BUNDLE_FILE).write_text(json.dumps(asdict(bundle), indent=2, sort_keys=True))
-            torch.save(state_dict, bundle_dir / WEIGHTS_FILE)
-            model_dir = Path(tmp) / MODEL_ARTIFACT_PATH
-            mlflow.pyfunc.save_model(
-                path=str(model_dir),
-                python_model=LeukopsClassifier(),
-                artifacts={
-                    "bundle": str(bundle_dir / BUNDLE_FILE),
-                    "weights": str(bundle_dir / WEIGHTS_FILE),
-                },
-                signature=model_signature(bundle.classes),
-                input_example=pd.DataFrame({"image": [base64.b64encode(example_image).decode()]}),
-                pip_requirements=_pip_requirements(),
-                metadata={"leukops_bundle": asdict(bundle), "run_id": self.run_id},
-            )
-            mlflow.log_artifacts(str(model_dir), MODEL_ARTIFACT_PATH)
-        return f"runs:/{self.run_id}/{MODEL_ARTIFACT_PATH}"
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        """Upload the folder ``local_dir`` as the run's artifact folder ``artifact_path``."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
 
-def find_finished_run(settings: Settings, tags: dict[str, str]) -> dict[str, Any] | None:
-    """The latest FINISHED training run carrying all ``tags`` (e.g. an Airflow candidate key), summarised
-    like ``training_run.train_candidate``'s result; None when there is none."""
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
+def find_finished_run(settings: Settings, tags: dict[str, str]) -> RunRecord | None:
+    """The latest FINISHED run of the training experiment carrying all ``tags`` (e.g. an Airflow candidate
+    key); None when there is none."""
+    client = _client(settings)
+    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
     if experiment is None:
         return None
-    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()] + ["attributes.status = 'FINISHED'"]
-    runs = mlflow.search_runs(
+    conditions = [f"tags.`{key}` = {quoted(value)}" for key, value in tags.items()]
+    runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=" and ".join(conditions),
+        filter_string=" and ".join([*conditions, "attributes.status = 'FINISHED'"]),
         order_by=["attributes.start_time DESC"],
         max_results=1,
-        output_format="list",
     )
-    if not runs:
-        return None
-    run = runs[0]
-    metrics, run_tags = run.data.metrics, run.data.tags
-    return {
-        "run_id": run.info.run_id,
-        "model_uri": f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}",
-        **{k: run_tags[k] for k in ("task", "dataset_version", "backbone", "augment") if k in run_tags},
-        "pretrained": run_tags.get("pretrained") == "true",
-        "val_f1": metrics.get("val_macro_f1"),
-        "test_f1": metrics.get("test_macro_f1"),
-        "test_accuracy": metrics.get("test_accuracy"),
-    }
+    return _run_record(runs[0]) if runs else None
+
+
+def download_model(settings: Settings, model_uri: str, dst: Path) -> tuple[Path, str | None]:
+    """Fetch the MLflow model at ``model_uri`` (a run's, a registered model's, or a path) into ``dst``.
+
+    Returns the local model folder and the id of the run that logged it (from its MLmodel metadata).
+    """
+    uri = settings.mlflow_tracking_uri
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
+            )
+        )
+    except (MlflowException, OSError) as err:
+        raise TrackingError(f"cannot download model {model_uri!r} from {uri}: {err}") from err
+    if not (local / "MLmodel").exists():
+        raise TrackingError(f"{model_uri!r} is not an MLflow model (no MLmodel file)")
+    info = mlflow.models.Model.load(str(local / "MLmodel"))
+    return local, info.run_id or (info.metadata or {}).get("run_id")
 
 
 # -- other runs -----------------------------------------------------------------------------------
@@ -371,21 +204,14 @@ def log_drift_run(
     artifacts: dict[str, bytes],
 ) -> str:
     """One finished run in the ``<experiment>-drift`` experiment (kept apart from training candidates)."""
-    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    client = _client(settings)
     name = f"{settings.mlflow_experiment}-drift"
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     try:
-        for key, value in metrics.items():
-            client.log_metric(run.info.run_id, key, float(value))
-        with tempfile.TemporaryDirectory() as tmp:
-            for artifact_file, data in artifacts.items():
-                path = Path(tmp) / artifact_file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-                parent = str(Path(artifact_file).parent)
-                client.log_artifact(run.info.run_id, str(path), None if parent == "." else parent)
+        _log_metrics(client, run.info.run_id, metrics)
+        _log_files(client, run.info.run_id, artifacts)
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
@@ -396,26 +222,24 @@ def log_drift_run(
 # -- outputs added to a finished run (explanations) -----------------------------------------------------
 
 
-def run_tags(settings: Settings, run_id: str) -> dict[str, str]:
-    """The tags of an existing run (e.g. ``task``, ``dataset_version``); names the run when it is missing."""
+def read_run(settings: Settings, run_id: str) -> RunRecord:
+    """The facts of an existing run (metrics, params, tags); names the run when it is missing."""
     try:
-        return dict(mlflow.MlflowClient(settings.mlflow_tracking_uri).get_run(run_id).data.tags)
+        return _run_record(_client(settings).get_run(run_id))
     except MlflowException as err:
         raise TrackingError(f"MLflow run {run_id!r} at {settings.mlflow_tracking_uri}: {err}") from err
 
 
+def run_tags(settings: Settings, run_id: str) -> dict[str, str]:
+    """The tags of an existing run (e.g. ``task``, ``dataset_version``)."""
+    return read_run(settings, run_id).tags
+
+
 def log_to_run(settings: Settings, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes]) -> None:
     """Add metrics and artifacts (path in the run -> bytes) to an existing run, finished or not."""
-    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    client = _client(settings)
     try:
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, float(value))
-        with tempfile.TemporaryDirectory() as tmp:
-            for artifact_file, data in artifacts.items():
-                path = Path(tmp) / artifact_file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-                parent = str(Path(artifact_file).parent)
-                client.log_artifact(run_id, str(path), None if parent == "." else parent)
+        _log_metrics(client, run_id, metrics)
+        _log_files(client, run_id, artifacts)
     except MlflowException as err:
         raise TrackingError(f"cannot log explanations to MLflow run {run_id!r}: {err}") from err

@@ -4,8 +4,9 @@
 weights when they are available offline, and puts the paper's new head on top
 (GAP → dropout → dense → ReLU → dropout → logits). The result is a `Backbone`: the `nn.Module` to train
 (`.model`), the timm-style preprocessing config resolved from the module's `pretrained_cfg`
-(`.data_config`), the Grad-CAM target layer, a pooled-feature `embed`, and the switches the two-stage
-fine-tuning needs.
+(`.data_config`), the Grad-CAM target layer, a pooled-feature `embed`, and the freeze switches from which
+the two-stage fine-tuning reads which parameters stage 2 opens. A trained model is rebuilt from its
+`pipelines.model.bundle.ModelBundle`, which records the factory's arguments.
 
 Weights (only when `pretrained=True`), first match wins; nothing ever touches the network:
 1. `weights_path`: a saved state_dict file (torch or safetensors) of the timm architecture;
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DROP_RATE = 0.3
 DEFAULT_HEAD_HIDDEN = 256
-CONFIG_VERSION = 1
 
 
 class BackboneError(LeukopsError, ValueError):
@@ -194,13 +193,10 @@ class BackboneClassifier(nn.Module):
 
 @dataclass
 class Backbone:
-    """A built backbone. Two-stage fine-tuning with it:
+    """A built backbone: the module, its preprocessing config and what the factory was asked for.
 
-    stage 1 (pretrained only): `freeze_encoder()`, optimise `head_parameters()`, call `train()` (not
-    `model.train()`) each epoch so frozen BatchNorm layers keep their ImageNet statistics;
-    stage 2: `unfreeze_last_blocks(n)` (the last n feature stages of `feature_stages()`), then build the
-    optimiser from `param_groups(head_lr, encoder_lr)` — only trainable parameters are in it.
-    From random init there is no stage 1: everything is trainable as built.
+    `freeze_encoder()` then `unfreeze_last_blocks(n)` marks which parameters fine-tuning opens (the last
+    n of the encoder's `stage_modules` and everything after them); `unfreeze_all()` undoes it.
     """
 
     name: str
@@ -226,13 +222,6 @@ class Backbone:
         """Pooled penultimate features (the head's GAP output), N×D with D the encoder's feature width."""
         return self.model.embed(x)
 
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.head.parameters()
-
-    def feature_stages(self) -> list[str]:
-        """The encoder's feature stages, input to output (dotted names inside `model`)."""
-        return list(self.stage_modules)
-
     def freeze_encoder(self) -> None:
         for parameter in self.model.encoder.parameters():
             parameter.requires_grad_(False)
@@ -243,7 +232,7 @@ class Backbone:
 
     def unfreeze_last_blocks(self, n: int) -> int:
         """Make the last `n` feature stages (and every layer after them) trainable; returns how many
-        parameter tensors were unfrozen. `n >= len(feature_stages())` unfreezes the whole encoder."""
+        parameter tensors were unfrozen. `n >= len(stage_modules)` unfreezes the whole encoder."""
         if n < 0:
             raise BackboneError(f"unfreeze_last_blocks: n must be >= 0, got {n}")
         if n == 0:
@@ -261,25 +250,6 @@ class Backbone:
                     parameter.requires_grad_(True)
                     count += 1
         return count
-
-    def param_groups(self, head_lr: float, encoder_lr: float) -> list[dict[str, Any]]:
-        """Optimiser groups of the trainable parameters: head at `head_lr`, encoder at `encoder_lr`."""
-        groups = [
-            {"params": [p for p in self.model.head.parameters() if p.requires_grad], "lr": head_lr},
-            {"params": [p for p in self.model.encoder.parameters() if p.requires_grad], "lr": encoder_lr},
-        ]
-        return [g for g in groups if g["params"]]
-
-    def train(self, mode: bool = True) -> None:
-        """`model.train(mode)`, except BatchNorm layers whose parameters are all frozen stay in eval mode."""
-        self.model.train(mode)
-        if not mode:
-            return
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                params = list(module.parameters(recurse=False))
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
 
 
 def _index_after_subtree(modules: list[tuple[str, nn.Module]], name: str) -> int:
@@ -343,44 +313,6 @@ def create_backbone(
         drop_rate=drop_rate,
         stage_modules=[f"encoder.{info['module']}" for info in encoder.feature_info],
     )
-
-
-def describe(backbone: Backbone) -> dict[str, Any]:
-    """The JSON-able config saved with a model; `rebuild` turns it back into the same architecture."""
-    return {
-        "config_version": CONFIG_VERSION,
-        "name": backbone.name,
-        "num_classes": backbone.num_classes,
-        "image_size": backbone.image_size,
-        "pretrained": backbone.pretrained,
-        "weights_source": backbone.weights_source,
-        "gradcam_layer_name": backbone.gradcam_layer_name,
-        "head_hidden": backbone.head_hidden,
-        "drop_rate": backbone.drop_rate,
-        "timm_version": timm.__version__,
-        "data_config": _jsonable(backbone.data_config),
-    }
-
-
-def rebuild(config: dict[str, Any]) -> Backbone:
-    """The architecture `describe` saved, randomly initialised (the caller loads the trained state_dict).
-
-    `pretrained` keeps the saved value: it records how the trained weights started, not this init.
-    """
-    try:
-        backbone = create_backbone(
-            config["name"],
-            int(config["num_classes"]),
-            pretrained=False,
-            image_size=int(config["image_size"]),
-            drop_rate=float(config.get("drop_rate", DEFAULT_DROP_RATE)),
-            head_hidden=int(config.get("head_hidden", DEFAULT_HEAD_HIDDEN)),
-        )
-    except KeyError as missing:
-        raise BackboneError(f"backbone config lacks {missing}; it has {sorted(config)}") from None
-    backbone.pretrained = bool(config.get("pretrained", False))
-    backbone.weights_source = str(config.get("weights_source", backbone.weights_source))
-    return backbone
 
 
 def _spec(name: str) -> BackboneSpec:
@@ -468,11 +400,3 @@ def _map_by_order(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor
             )
         mapped[dst_key] = tensor
     return mapped
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -2,7 +2,8 @@
 
 ``train_candidate`` is the entry point the CLI (``leukops train``) and the Airflow nightly DAG both call;
 it wires the pure pieces (``datasets``, ``train``, ``evaluate``) to the adapters (``storage``,
-``tracking``) and returns a small JSON-able summary. The run key (task, dataset version, backbone,
+``tracking``) and returns a `CandidateSummary`, built from the logged run (so an Airflow retry that finds
+the finished run reports exactly what training reported). The run key (task, dataset version, backbone,
 augmentation, image size, subset and optimisation config) names the checkpoint and tags the MLflow run,
 so a crashed candidate resumes both where it stopped.
 """
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipelines.core.errors import LeukopsError
+from pipelines.core.taxonomy import get_task
 from pipelines.data.datasets import (
     ImageFileDataset,
     fill_cache,
@@ -23,9 +26,10 @@ from pipelines.data.datasets import (
     make_loader,
     split_rows,
 )
-from pipelines.core.errors import LeukopsError
-from pipelines.core.taxonomy import get_task
+from pipelines.io import layout, tracking
+from pipelines.io.registry import ALIASES, RunRecord
 from pipelines.model.train import (
+    EpochRecord,
     FitResult,
     Stage,
     TrainConfig,
@@ -42,11 +46,10 @@ if TYPE_CHECKING:
     import pandas as pd
     from torch.utils.data import DataLoader
 
+    from pipelines.core.settings import Settings
     from pipelines.model.augment import Augmentation
     from pipelines.model.backbones import Backbone
     from pipelines.model.evaluate import EvalResult
-    from pipelines.core.settings import Settings
-    from pipelines.io.tracking import TrainingTracker
 
 
 @dataclass(frozen=True)
@@ -138,11 +141,11 @@ def prepare_run(
     extra_tags: dict[str, str] | None = None,
 ) -> PreparedRun:
     """Load the snapshot, fill the local image cache, build the backbone, preprocessing and loaders."""
+    from pipelines.data.snapshot import load_snapshot
+    from pipelines.io.storage import ObjectStore
     from pipelines.model.augment import build_augmentation
     from pipelines.model.backbones import create_backbone
     from pipelines.model.preprocess import preprocessing_from
-    from pipelines.data.snapshot import load_snapshot
-    from pipelines.io.storage import ObjectStore
 
     check_request(spec, config)
     classes = get_task(spec.task).classes
@@ -154,14 +157,18 @@ def prepare_run(
     backbone = create_backbone(spec.backbone, len(classes), pretrained=True, image_size=spec.image_size)
     preprocessing = preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner)
     augmentation = build_augmentation(
-        spec.augment, len(classes), backbone.image_size, mean=preprocessing["mean"],
-        interpolation=preprocessing["interpolation"], label_smoothing=config.label_smoothing,
-    )  # fmt: skip
+        spec.augment,
+        len(classes),
+        backbone.image_size,
+        mean=preprocessing["mean"],
+        interpolation=preprocessing["interpolation"],
+        label_smoothing=config.label_smoothing,
+    )
     return PreparedRun(
         spec=spec,
         config=config,
         dataset_version=snapshot.version,
-        dataset_uri=store.uri(f"manifests/datasets/{spec.task}/{snapshot.version}.parquet"),
+        dataset_uri=store.uri(layout.dataset_key(spec.task, snapshot.version)),
         frame=frame,
         backbone=backbone,
         preprocessing=preprocessing,
@@ -171,18 +178,95 @@ def prepare_run(
     )
 
 
-def _log_test_evaluation(tracker: TrainingTracker, result: EvalResult) -> dict[str, float]:
+@dataclass(frozen=True)
+class CandidateSummary:
+    """What a finished candidate run reports (the ``leukops train --json`` output, the Airflow XCom).
+
+    Always read back from the MLflow run (`from_run`), whether the run was just trained or is a finished
+    run found again by an Airflow retry, so both paths report the same facts.
+    """
+
+    run_id: str
+    model_uri: str
+    task: str
+    dataset_version: str
+    backbone: str
+    augment: str
+    pretrained: bool
+    weights_source: str
+    image_size: int
+    val_f1: float
+    test_f1: float
+    test_accuracy: float
+    test_f1_ci: tuple[float, float]
+    epochs_run: int
+    best_epoch: int
+    stop_reason: str
+    resumed_from_epoch: int | None
+    train_images_per_s: float
+    n_train: int
+    n_test: int
+    device: str
+
+    @classmethod
+    def from_run(cls, run: RunRecord) -> CandidateSummary:
+        tags, metrics = run.tags, run.metrics
+        resumed = tags.get("resumed_from_epoch")
+        return cls(
+            run_id=run.run_id,
+            model_uri=layout.run_model_uri(run.run_id),
+            **{key: tags[key] for key in ("task", "dataset_version", "backbone", "augment", "weights_source")},
+            pretrained=tags["pretrained"] == "true",
+            image_size=int(metrics["image_size"]),
+            val_f1=metrics["val_macro_f1"],
+            test_f1=metrics["test_macro_f1"],
+            test_accuracy=metrics["test_accuracy"],
+            test_f1_ci=(metrics["test_f1_ci_low"], metrics["test_f1_ci_high"]),
+            epochs_run=int(metrics["epochs_run"]),
+            best_epoch=int(metrics["best_epoch"]),
+            stop_reason=tags["stop_reason"],
+            resumed_from_epoch=int(resumed) if resumed else None,
+            train_images_per_s=round(metrics["train_images_per_s"], 2),
+            n_train=int(metrics["n_train"]),
+            n_test=int(metrics["n_test"]),
+            device=tags["device"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "test_f1_ci": list(self.test_f1_ci)}
+
+
+def finished_candidate(settings: Settings, tags: dict[str, str]) -> CandidateSummary | None:
+    """The latest finished candidate run carrying ``tags`` (e.g. an Airflow candidate key), or None."""
+    run = tracking.find_finished_run(settings, tags)
+    return CandidateSummary.from_run(run) if run else None
+
+
+EPOCH_CURVES = ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr", "images_per_s")
+
+
+@dataclass
+class _EpochCurves:
+    """The `fit` callback that logs each epoch's `EPOCH_CURVES` under ``epoch/`` (step = epoch)."""
+
+    tracker: tracking.TrainingTracker
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        values = asdict(record)
+        self.tracker.log_metrics({f"epoch/{k}": float(values[k]) for k in EPOCH_CURVES}, step=record.epoch)
+
+
+def _log_test_evaluation(tracker: tracking.TrainingTracker, result: EvalResult) -> None:
     from pipelines.model.evaluate import confusion_matrix_figure
 
-    metrics = result.to_metrics("test_")
-    tracker.log_metrics(metrics)
-    tracker.log_dict(result.to_dict(), "evaluation/test_report.json")
-    tracker.log_text(result.classification_report(), "evaluation/per_class_report.txt")
-    tracker.log_figure(confusion_matrix_figure(result), "evaluation/confusion_matrix.png")
-    return metrics
+    tracker.log_metrics(result.to_metrics("test_"))
+    tracker.log_dict(result.to_dict(), layout.TEST_REPORT)
+    tracker.log_text(result.classification_report(), layout.PER_CLASS_REPORT)
+    tracker.log_figure(confusion_matrix_figure(result), layout.CONFUSION_MATRIX)
 
 
 def _fit_metrics(result: FitResult, run: PreparedRun) -> dict[str, float]:
+    """Run-level metrics; ``val_macro_f1`` is the best epoch's (the one whose weights were kept)."""
     return {
         "val_macro_f1": result.best_val_f1,
         "best_epoch": result.best_epoch,
@@ -194,17 +278,23 @@ def _fit_metrics(result: FitResult, run: PreparedRun) -> dict[str, float]:
     }
 
 
-def train_prepared(settings: Settings, run: PreparedRun) -> dict[str, Any]:
+def _fit_tags(result: FitResult, device: torch.device) -> dict[str, str]:
+    resumed = {"resumed_from_epoch": str(result.resumed_from_epoch)} if result.resumed_from_epoch is not None else {}
+    return {"stop_reason": result.stop_reason, "device": device.type, **resumed}
+
+
+def train_prepared(settings: Settings, run: PreparedRun) -> CandidateSummary:
     """Fit (resuming a crashed run of the same key), evaluate on test, log the run and its model."""
+    from pipelines.model.bundle import ModelBundle
     from pipelines.model.evaluate import evaluate_predictions
-    from pipelines.io.tracking import ModelBundle, TrainingTracker
+    from pipelines.model.pyfunc import log_model
 
     resolved = run.resolved_config()
     key = run_key(resolved)
     checkpoint = checkpoint_file(settings.state_dir, key)
     device = pick_device(run.spec.device)
     name = f"{run.spec.backbone}-{run.spec.augment}"
-    with TrainingTracker(settings, run_key=key, run_name=name, tags=run.tags()) as tracker:
+    with tracking.TrainingTracker(settings, run_key=key, run_name=name, tags=run.tags()) as tracker:
         tracker.log_params(resolved)
         tracker.log_snapshot(run.spec.task, run.dataset_version, run.frame, run.dataset_uri)
         result = fit(
@@ -214,37 +304,19 @@ def train_prepared(settings: Settings, run: PreparedRun) -> dict[str, Any]:
             stages=stages_for(run.backbone, run.config),
             config=run.config,
             checkpoint_path=checkpoint,
-            callbacks=[tracker],
+            callbacks=[_EpochCurves(tracker)],
             mixer=run.augmentation.batch_mixer,
             criterion=run.augmentation.loss,
             device=device,
         )
         labels, proba = predict_proba(run.backbone.model, run.loaders["test"], device)
-        test = _log_test_evaluation(tracker, evaluate_predictions(labels, proba, list(run.classes)))
+        _log_test_evaluation(tracker, evaluate_predictions(labels, proba, list(run.classes)))
         tracker.log_metrics(_fit_metrics(result, run))
-        tracker.set_tags({"stop_reason": result.stop_reason})
+        tracker.set_tags(_fit_tags(result, device))
         bundle = ModelBundle.for_backbone(run.spec.task, run.classes, run.backbone, run.preprocessing)
-        model_uri = tracker.log_model(bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
+        log_model(tracker, bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
     checkpoint.unlink(missing_ok=True)  # the run holds the model now; a rerun trains afresh
-    return {
-        "run_id": tracker.run_id,
-        "model_uri": model_uri,
-        **run.tags(),
-        "pretrained": run.backbone.pretrained,
-        "image_size": run.backbone.image_size,
-        "val_f1": result.best_val_f1,
-        "test_f1": test["test_macro_f1"],
-        "test_accuracy": test["test_accuracy"],
-        "test_f1_ci": [test["test_f1_ci_low"], test["test_f1_ci_high"]],
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "stop_reason": result.stop_reason,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "train_images_per_s": round(result.images_per_s, 2),
-        "n_train": len(run.loaders["train"].dataset),
-        "n_test": len(run.loaders["test"].dataset),
-        "device": device.type,
-    }
+    return CandidateSummary.from_run(tracking.read_run(settings, tracker.run_id))
 
 
 def train_candidate(
@@ -261,9 +333,9 @@ def train_candidate(
     device: str | None = None,
     extra_tags: dict[str, str] | None = None,
     **train_options: Any,
-) -> dict[str, Any]:
+) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
-    test split and log it all to MLflow; returns a JSON-able summary (run_id, val_f1, test_f1, ...).
+    test split and log it all to MLflow; returns its summary (run_id, val_f1, test_f1, ...).
     ``train_options`` are ``TrainConfig`` fields: epochs, lr, patience, seed, time_budget_min, ...;
     ``extra_tags`` (e.g. the Airflow run key) are set on the MLflow run and are part of its run key."""
     spec = CandidateSpec(task, backbone, augment, image_size, max_images, batch_size, mask_corner, device)
@@ -299,22 +371,20 @@ def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
 
 
 def _model_uri(settings: Settings, model: str, task: str) -> str:
-    from pipelines.io.registry import ALIASES
-
     if model in ALIASES:
-        return f"models:/{settings.registered_model_name(task)}@{model}"
-    return f"runs:/{model}/model"
+        return layout.alias_uri(settings.registered_model_name(task), model)
+    return layout.run_model_uri(model)
 
 
 def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task: str | None = None) -> dict:
     """External validation: ``model`` (an alias of the task's registered model, or a run id) on every accepted
     image of ``source_name`` whose label is a class of the model's task, minus the images of the model's
     own train/val splits (counted in ``excluded_seen_in_training``)."""
-    from pipelines.model.evaluate import evaluate_model
-    from pipelines.data.ingest import accepted_rows
+    from pipelines.data.manifests import accepted_rows
     from pipelines.data.sources import load_source
     from pipelines.io.storage import ObjectStore
-    from pipelines.io.tracking import load_model
+    from pipelines.model.bundle import load_model
+    from pipelines.model.evaluate import evaluate_model
 
     source = load_source(source_name, settings)
     if task is None and len(source.tasks) != 1:
@@ -355,9 +425,8 @@ def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task
 def _seen_in_training(settings: Settings, store, loaded) -> set[str]:
     """sha256 of the train and val images of the snapshot the model was trained on (none if unknown)."""
     from pipelines.data.snapshot import load_snapshot
-    from pipelines.io.tracking import run_tags
 
-    version = run_tags(settings, loaded.run_id).get("dataset_version") if loaded.run_id else None
+    version = tracking.run_tags(settings, loaded.run_id).get("dataset_version") if loaded.run_id else None
     if not version:
         return set()
     frame = load_snapshot(store, loaded.task, version).frame

@@ -24,11 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from pipelines.model.evaluate import macro_f1
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -177,45 +179,47 @@ def _autocast(device: torch.device) -> torch.autocast:
 # -- one epoch ------------------------------------------------------------------------------------
 
 
-def smoothed_cross_entropy(label_smoothing: float) -> Criterion:
-    """The default criterion: cross-entropy on integer labels, or on soft targets (mixup/cutmix)."""
+def default_criterion(label_smoothing: float, mixer: BatchMixer | None) -> Criterion:
+    """timm's losses: soft-target cross-entropy behind a mixer (its soft targets already carry the
+    smoothing), label-smoothed cross-entropy on integer labels otherwise."""
+    return SoftTargetCrossEntropy() if mixer is not None else LabelSmoothingCrossEntropy(label_smoothing)
 
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if targets.ndim == 2:  # soft targets from a mixer already carry the smoothing
-            return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
-        return nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
-    return loss
+@dataclass
+class _Loop:
+    """What stays fixed through one `fit`: the module, data, device, loss and budget."""
+
+    model: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    config: TrainConfig
+    device: torch.device
+    criterion: Criterion
+    mixer: BatchMixer | None
+    scaler: torch.amp.GradScaler
+    budget_s: float | None
 
 
 def _train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    *,
-    criterion: Criterion,
-    mixer: BatchMixer | None,
-    deadline: float | None,
-    description: str,
+    loop: _Loop, optimizer: torch.optim.Optimizer, deadline: float | None, description: str
 ) -> tuple[float, int, bool]:
     """Returns (mean loss, images seen, whether the deadline cut the epoch short)."""
+    model, device = loop.model, loop.device
     model.train()
     _freeze_frozen_batchnorm(model)
     total_loss, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    bar = tqdm(loader, desc=description, leave=False, disable=not sys.stderr.isatty(), unit="batch")
+    bar = tqdm(loop.train_loader, desc=description, leave=False, disable=not sys.stderr.isatty(), unit="batch")
     for step, (images, targets) in enumerate(bar):
         images, targets = _to_device(images, device), targets.to(device, non_blocking=True)
-        if mixer is not None:
-            images, targets = mixer(images, targets)
+        if loop.mixer is not None:
+            images, targets = loop.mixer(images, targets)
         with _autocast(device):
             logits = model(images)
-        loss = criterion(logits.float(), targets)
+        loss = loop.criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(optimizer)
+        loop.scaler.update()
         total_loss += loss.detach() * len(images)
         seen += len(images)
         if not bar.disable and step % 10 == 0:
@@ -243,8 +247,7 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tup
     labels, probs = predict_proba(model, loader, device)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
     predicted = probs.argmax(axis=1)
-    macro_f1 = float(f1_score(labels, predicted, labels=np.unique(labels), average="macro", zero_division=0))
-    return loss, macro_f1, float(np.mean(predicted == labels))
+    return loss, macro_f1(labels, predicted), float(np.mean(predicted == labels))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -312,21 +315,22 @@ def fit(
     Stops early when val macro-F1 has not improved for ``config.patience`` epochs of the last stage, or
     when ``config.time_budget_min`` of training time (counted across resumes) is spent; in every case the
     returned ``best_state`` is the best epoch seen. ``mixer`` turns a batch into (images, soft targets);
-    ``criterion`` defaults to label-smoothed cross-entropy that also takes soft targets.
+    ``criterion`` defaults to `default_criterion` (timm's cross-entropy for integer or soft targets).
     """
-    criterion = criterion or smoothed_cross_entropy(config.label_smoothing)
     device = device or pick_device()
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    criterion = criterion or default_criterion(config.label_smoothing, mixer)
+    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
+    loop = _Loop(model, train_loader, val_loader, config, device, criterion, mixer, scaler, budget_s)
     saved = _load_checkpoint(checkpoint_path, config) if checkpoint_path else None
     state = saved["state"] if saved else _State()
     if saved:
         model.load_state_dict(saved["model"])
         scaler.load_state_dict(saved["scaler"])
     resumed_from = state.epoch if saved else None
-    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     stop_reason = "completed"
 
     while state.stage_index < len(stages):
@@ -341,8 +345,7 @@ def fit(
             stop_reason = _stop_before_epoch(state, config, budget_s, last_stage)
             if stop_reason != "completed":
                 break
-            record, cut = _run_epoch(model, train_loader, val_loader, optimizer, scaler, device, state, stage,
-                                     config, criterion, mixer, budget_s)  # fmt: skip
+            record, cut = _run_epoch(loop, optimizer, state, stage)
             scheduler.step(record.val_macro_f1)
             _advance(state, record, model, last_stage)
             for callback in callbacks:
@@ -380,28 +383,31 @@ def _stop_before_epoch(state: _State, config: TrainConfig, budget_s: float | Non
     return "completed"
 
 
-def _run_epoch(
-    model, train_loader, val_loader, optimizer, scaler, device, state: _State, stage: Stage,
-    config: TrainConfig, criterion: Criterion, mixer: BatchMixer | None, budget_s: float | None,
-) -> tuple[EpochRecord, bool]:  # fmt: skip
+def _run_epoch(loop: _Loop, optimizer, state: _State, stage: Stage) -> tuple[EpochRecord, bool]:
     """Train one epoch (reseeded from (seed, epoch)) and validate; returns the record and whether the
     budget cut the epoch short."""
-    seed_everything(config.seed + state.epoch)
-    if train_loader.generator is not None:
-        train_loader.generator.manual_seed(config.seed + state.epoch)
+    seed = loop.config.seed + state.epoch
+    seed_everything(seed)
+    if loop.train_loader.generator is not None:
+        loop.train_loader.generator.manual_seed(seed)
     started = time.monotonic()
-    deadline = started + budget_s - state.train_seconds if budget_s is not None else None
-    train_loss, seen, cut = _train_epoch(
-        model, train_loader, optimizer, scaler, device, criterion=criterion, mixer=mixer, deadline=deadline,
-        description=f"epoch {state.epoch + 1} ({stage.name})",
-    )  # fmt: skip
+    deadline = started + loop.budget_s - state.train_seconds if loop.budget_s is not None else None
+    train_loss, seen, cut = _train_epoch(loop, optimizer, deadline, f"epoch {state.epoch + 1} ({stage.name})")
     train_seconds = time.monotonic() - started
-    val_loss, val_f1, val_acc = _validate(model, val_loader, device)
+    val_loss, val_f1, val_acc = _validate(loop.model, loop.val_loader, loop.device)
     record = EpochRecord(
-        epoch=state.epoch, stage=stage.name, train_loss=train_loss, val_loss=val_loss, val_macro_f1=val_f1,
-        val_accuracy=val_acc, lr=optimizer.param_groups[0]["lr"], images_per_s=seen / max(train_seconds, 1e-9),
-        seconds=time.monotonic() - started, train_seconds=train_seconds, images=seen,
-    )  # fmt: skip
+        epoch=state.epoch,
+        stage=stage.name,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_macro_f1=val_f1,
+        val_accuracy=val_acc,
+        lr=optimizer.param_groups[0]["lr"],
+        images_per_s=seen / max(train_seconds, 1e-9),
+        seconds=time.monotonic() - started,
+        train_seconds=train_seconds,
+        images=seen,
+    )
     return record, cut
 
 

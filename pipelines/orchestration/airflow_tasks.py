@@ -8,18 +8,22 @@ idempotent: a rerun with the same Airflow run id finds and returns what the firs
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings, get_settings
+from pipelines.io.layout import (
+    drift_checked_batches_key,
+    drift_dag_report_id,
+    drift_verdict_key,
+    ingest_report_key,
+    retrain_last_attempt_key,
+)
 from pipelines.io.storage import ObjectMissingError, ObjectStore
 
 log = logging.getLogger(__name__)
 
-INGEST_STATE_PREFIX = "state/ingest"
-RETRAIN_STATE_PREFIX = "state/retrain"
-DRIFT_STATE_PREFIX = "state/drift"
 AIRFLOW_RUN_KEY_TAG = "airflow_candidate_key"
 
 
@@ -84,7 +88,7 @@ def sources_to_poll(source: str | None) -> list[str]:
 
 def pending_files(source: str) -> int:
     """Files at the source's location whose path no manifest of this source has seen yet."""
-    from pipelines.data.ingest import all_manifests
+    from pipelines.data.manifests import all_manifests
     from pipelines.data.sources import list_files, load_source, reader_for
 
     settings = task_settings()
@@ -101,7 +105,7 @@ def ingest(source: str, run_id: str, run_date: str) -> dict[str, Any]:
 
     settings = task_settings()
     store = _store(settings)
-    report_key = f"{INGEST_STATE_PREFIX}/{source}/{_safe(run_id)}.json"
+    report_key = ingest_report_key(source, run_id)
     if (stored := _read_state(store, report_key)) is not None:
         return stored
     report = ingest_source(load_source(source, settings), settings, store, run_date=run_date).to_dict()
@@ -139,10 +143,6 @@ def snapshot_tasks() -> list[dict[str, Any]]:
     return [snapshot_summary(task, take_snapshot(store, settings, task)) for task in settings.retrain.tasks]
 
 
-def _last_attempt_key(task: str) -> str:
-    return f"{RETRAIN_STATE_PREFIX}/{task}/last_attempted.json"
-
-
 def plan_candidates(
     snapshots: list[dict[str, Any]], run_id: str, force: bool = False, reason: str = ""
 ) -> list[dict[str, Any]]:
@@ -155,7 +155,7 @@ def plan_candidates(
     candidates = []
     for snap in snapshots:
         task, version = snap["task"], snap["dataset_version"]
-        last = _read_state(store, _last_attempt_key(task))
+        last = _read_state(store, retrain_last_attempt_key(task))
         if not snap["images"]:
             log.warning("task %s: empty snapshot, nothing to train", task)
             continue
@@ -179,13 +179,12 @@ def plan_candidates(
 
 def train(candidate: dict[str, Any]) -> dict[str, Any]:
     """Train one grid cell; a rerun of the same Airflow run returns the finished run instead."""
-    from pipelines.io.tracking import find_finished_run
-    from pipelines.model.candidate import train_candidate
+    from pipelines.model.candidate import finished_candidate, train_candidate
 
     settings = task_settings()
-    finished = find_finished_run(settings, {AIRFLOW_RUN_KEY_TAG: candidate["candidate_key"]})
+    finished = finished_candidate(settings, {AIRFLOW_RUN_KEY_TAG: candidate["candidate_key"]})
     if finished is not None:
-        return {**candidate, **finished, "reused": True}
+        return {**candidate, **finished.to_dict(), "reused": True}
     grid = settings.retrain
     result = train_candidate(
         settings,
@@ -200,7 +199,7 @@ def train(candidate: dict[str, Any]) -> dict[str, Any]:
         time_budget_min=grid.time_budget_min,
         extra_tags={AIRFLOW_RUN_KEY_TAG: candidate["candidate_key"], "retrain_reason": candidate["reason"]},
     )
-    return {**candidate, **result, "reused": False}
+    return {**candidate, **result.to_dict(), "reused": False}
 
 
 def explain(trained: dict[str, Any]) -> dict[str, Any]:
@@ -208,8 +207,9 @@ def explain(trained: dict[str, Any]) -> dict[str, Any]:
 
     settings = task_settings()
     grid = settings.retrain
-    summary = explain_run(trained["run_id"], samples=grid.explain_samples, lime_images=grid.explain_lime_images,
-                          settings=settings)  # fmt: skip
+    summary = explain_run(
+        trained["run_id"], samples=grid.explain_samples, lime_images=grid.explain_lime_images, settings=settings
+    )
     return {**trained, "explain": summary}
 
 
@@ -226,7 +226,7 @@ def gate_and_promote(candidates: list[dict[str, Any]], run_id: str) -> dict[str,
         reason = f"{mine[0]['reason']} (airflow run {run_id})"
         outcome = select_and_promote([c["run_id"] for c in mine], reason, settings)
         store.put_json(
-            _last_attempt_key(task),
+            retrain_last_attempt_key(task),
             {
                 "dataset_version": mine[0]["dataset_version"],
                 "run_id": run_id,
@@ -242,15 +242,13 @@ def gate_and_promote(candidates: list[dict[str, Any]], run_id: str) -> dict[str,
 
 
 def _batches_to_check(store: ObjectStore, task: str) -> list[str]:
-    from pipelines.data.ingest import BATCHES_PREFIX
+    from pipelines.data.manifests import published_batches
     from pipelines.data.sources import list_sources
 
-    checked = set((_read_state(store, f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json") or {}).get("ids", []))
+    checked = set((_read_state(store, drift_checked_batches_key(task)) or {}).get("ids", []))
     feeding = {s.name for s in list_sources(task_settings()) if task in s.tasks}
     batches = []
-    for key in store.list(f"{BATCHES_PREFIX}/"):
-        source, name = key[len(BATCHES_PREFIX) + 1 :].split("/", 1)
-        batch_id = name.removesuffix(".parquet")
+    for source, batch_id in published_batches(store):
         if source in feeding and batch_id not in checked:
             batches.append(batch_id)
     return batches
@@ -258,7 +256,7 @@ def _batches_to_check(store: ObjectStore, task: str) -> list[str]:
 
 def _new_labelled_images(store: ObjectStore, settings: Settings, task: str, champion_version: str) -> int:
     """Accepted training images of the task that the champion's snapshot does not hold."""
-    from pipelines.data.ingest import accepted_rows
+    from pipelines.data.manifests import accepted_rows
     from pipelines.data.snapshot import load_snapshot
     from pipelines.data.sources import list_sources
 
@@ -274,29 +272,26 @@ def check_drift(task: str, run_id: str, when: datetime) -> dict[str, Any]:
     The verdict is stored under the run id and returned as is on a retry; the checked-batches state is
     written last and only lists batches that produced a report.
     """
-    from pipelines.monitor.drift import DriftError, find_champion, monitor
+    from pipelines.monitor.inputs import find_champion
 
     settings = task_settings()
     store = _store(settings)
-    verdict_key = f"{DRIFT_STATE_PREFIX}/{task}/runs/{_safe(run_id)}.json"
+    verdict_key = drift_verdict_key(task, run_id)
     if (stored := _read_state(store, verdict_key)) is not None:
         return stored
     champion = find_champion(settings, task)
     if champion is None:
-        return {"task": task, "reports": [], "retrain_recommended": False, "new_labelled_images": 0,
-                "note": f"no @champion for {task}: nothing to compare against"}  # fmt: skip
+        return {
+            "task": task,
+            "reports": [],
+            "retrain_recommended": False,
+            "new_labelled_images": 0,
+            "note": f"no @champion for {task}: nothing to compare against",
+        }
     end = when.date()
     start = end - timedelta(days=settings.schedules.drift_window_days)
     currents = [f"batch:{b}" for b in _batches_to_check(store, task)] + [f"serving:{start}..{end}"]
-    reports = []
-    for current in currents:
-        try:
-            outcome = monitor(task, "champion", current, settings=settings, store=store, run_date=end,
-                              report_id=f"{task}-{current.replace(':', '-')}-{_safe(run_id)}")  # fmt: skip
-        except DriftError as err:  # e.g. no serving requests in the window, a batch too small to compare
-            log.info("drift %s: %s", current, err)
-            continue
-        reports.append({"current": current, **outcome.to_dict()})
+    reports = _drift_reports(task, currents, run_id, end, settings, store)
     verdict = {
         "task": task,
         "champion_version": champion.version,
@@ -305,14 +300,35 @@ def check_drift(task: str, run_id: str, when: datetime) -> dict[str, Any]:
         "new_labelled_images": _new_labelled_images(store, settings, task, champion.dataset_version),
     }
     store.put_json(verdict_key, verdict)
-    checked = [r["current"].split(":", 1)[1] for r in reports if r["current"].startswith("batch:")]
-    previous = (_read_state(store, f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json") or {}).get("ids", [])
-    store.put_json(f"{DRIFT_STATE_PREFIX}/{task}/checked_batches.json", {"ids": sorted({*previous, *checked})})
+    _mark_batches_checked(store, task, reports)
     return verdict
 
 
-def _safe(run_id: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in run_id)
+def _drift_reports(
+    task: str, currents: list[str], run_id: str, run_date: date, settings: Settings, store: ObjectStore
+) -> list[dict[str, Any]]:
+    """One drift report per current set against the champion; sets that cannot be compared are left out."""
+    from pipelines.monitor.drift import monitor
+    from pipelines.monitor.features import DriftError
+
+    reports = []
+    for current in currents:
+        report_id = drift_dag_report_id(task, current, run_id)
+        try:
+            outcome = monitor(
+                task, "champion", current, settings=settings, store=store, run_date=run_date, report_id=report_id
+            )
+        except DriftError as err:  # e.g. no serving requests in the window, a batch too small to compare
+            log.info("drift %s: %s", current, err)
+            continue
+        reports.append({"current": current, **outcome.to_dict()})
+    return reports
+
+
+def _mark_batches_checked(store: ObjectStore, task: str, reports: list[dict[str, Any]]) -> None:
+    checked = [r["current"].split(":", 1)[1] for r in reports if r["current"].startswith("batch:")]
+    previous = (_read_state(store, drift_checked_batches_key(task)) or {}).get("ids", [])
+    store.put_json(drift_checked_batches_key(task), {"ids": sorted({*previous, *checked})})
 
 
 def retrain_decision(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -329,5 +345,9 @@ def retrain_decision(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
             f"images to retrain on; reports: {', '.join(links)}",
             "tasks": [],
         }
-    return {"action": "retrain", "message": f"retrain requested for {', '.join(with_labels)}",
-            "tasks": with_labels, "reports": links}  # fmt: skip
+    return {
+        "action": "retrain",
+        "message": f"retrain requested for {', '.join(with_labels)}",
+        "tasks": with_labels,
+        "reports": links,
+    }

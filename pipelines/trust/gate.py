@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from pipelines.core.errors import LeukopsError
+from pipelines.core.render import render
 from pipelines.core.settings import GateThresholds
 
 CheckKind = Literal["value", "change"]
@@ -95,32 +96,7 @@ class GateDecision:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def to_markdown(self) -> str:
-        verdict = "PASSED" if self.passed else f"REFUSED (failed: {', '.join(self.failed)})"
-        baseline = (
-            f"champion v{self.champion['version']} (run `{self.champion['run_id']}`, {self.champion['origin']})"
-            if self.champion
-            else "none (first model of this task: value checks only)"
-        )
-        lines = [
-            f"# Promotion gate: {verdict}",
-            "",
-            f"- candidate run: `{self.candidate_run_id}`",
-            f"- task: `{self.task}`, test split of dataset `{self.dataset_version}`",
-            f"- baseline: {baseline}",
-            "",
-            "| check | kind | value | threshold | result | detail |",
-            "|---|---|---|---|---|---|",
-        ]
-        for c in self.checks:
-            lines.append(
-                f"| {c.name} | {c.kind} | {_fmt(c.value)} | {_fmt(c.threshold)} | "
-                f"{'pass' if c.passed else '**FAIL**'} | {c.detail} |"
-            )
-        return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.4f}"
+        return render("gate_report.md.j2", decision=self)
 
 
 def _floor(name: str, value: float | None, floor: float, what: str) -> Check:

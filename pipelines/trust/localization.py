@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from pipelines.core.errors import LeukopsError
 from pipelines.core.corners import LABEL_CORNER, Box, corner_boxes
+from pipelines.core.errors import LeukopsError
 
 
 class LocalizationInputError(LeukopsError, ValueError):

@@ -10,6 +10,7 @@ stores the gate report (JSON + markdown) with the candidate's run, registers the
 - failed but passed every value check → ``@challenger``; otherwise no alias.
 
 A refused candidate is still registered, so the registry holds every gate result (``list_models``).
+The model card of a passed version is ``pipelines.trust.model_card``'s.
 """
 
 from __future__ import annotations
@@ -20,19 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.core.errors import LeukopsError
-from pipelines.trust.gate import CandidateMetrics, GateDecision, decide
-from pipelines.io.registry import Registry, RunRecord, VersionRecord
 from pipelines.core.settings import Settings, get_settings
 from pipelines.core.taxonomy import get_task
+from pipelines.io.layout import GATE_REPORT_JSON, GATE_REPORT_MD, run_model_uri
+from pipelines.io.registry import Registry, RunRecord, VersionRecord
+from pipelines.trust.gate import CandidateMetrics, GateDecision, decide
+from pipelines.trust.model_card import write_model_card
 
-GATE_REPORT_JSON = "gate/report.json"
-GATE_REPORT_MD = "gate/report.md"
-MODEL_CARD = "model_card.md"
-EXPLAIN_DIR = "explain"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LIME_METRIC = "lime_nucleus_mass"  # the explain helper's LIME agreement: LIME's positive mass on the nucleus
-IMBALANCE_RATIO = 3.0  # largest / smallest class count above which the card warns about imbalance
-SMALL_TEST_SPLIT = 100
 KEY_CHECKS = ("macro_f1", "non_inferiority", "nucleus_enrichment", "shortcut_flip_rate")
 
 
@@ -170,111 +166,8 @@ def gate_moves(
     return []
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def known_limitations(run: RunRecord, counts: dict[str, dict[str, int]] | None, decision: GateDecision) -> list[str]:
-    notes = []
-    if run.tags.get("pretrained") == "false":
-        notes.append("Backbone trained from random initialisation (pretrained=false): no ImageNet weights were loaded.")
-    train = (counts or {}).get("train") or {}
-    ratio = max(train.values()) / max(min(train.values()), 1) if train else 0.0
-    if ratio >= IMBALANCE_RATIO:
-        notes.append(
-            f"Class imbalance in the training split (largest/smallest = {ratio:.1f}): "
-            "per-class recall matters more than accuracy."
-        )
-    test_total = sum(((counts or {}).get("test") or {}).values())
-    if counts and test_total < SMALL_TEST_SPLIT:
-        notes.append(f"Small test split ({test_total} images): metrics have wide confidence intervals.")
-    if decision.reported.get("gradcam_artefact_mass") is None:
-        notes.append("No Grad-CAM artefact mass was measured for this run.")
-    notes.append("Evaluated on images from the listed sources only; other labs, stains and scanners are untested.")
-    return notes
-
-
-def render_model_card(
-    run: RunRecord,
-    model_name: str,
-    version: str,
-    decision: GateDecision,
-    gate_markdown: str,
-    snapshot: dict[str, Any],
-    explain_images: Sequence[str],
-) -> str:
-    """The model card (markdown) of one registered version; ``snapshot`` has counts/sources or an error."""
-    task = get_task(decision.task)
-    m = run.metrics
-    counts = snapshot.get("counts")
-    lines = [
-        f"# Model card: {model_name} v{version}",
-        "",
-        f"Training run `{run.run_id}`. {task.description}",
-        "",
-        "## Task and classes",
-        "",
-        f"`{task.name}`: {', '.join(f'`{c}`' for c in task.classes)}",
-        "",
-        "## Data",
-        "",
-        f"- dataset version: `{decision.dataset_version}`",
-    ]
-    if counts:
-        lines += [
-            "",
-            "| split | " + " | ".join(task.classes) + " | total |",
-            "|---" * (len(task.classes) + 2) + "|",
-        ]
-        for split in ("train", "val", "test"):
-            row = counts.get(split, {})
-            lines.append(
-                f"| {split} | " + " | ".join(str(row.get(c, 0)) for c in task.classes) + f" | {sum(row.values())} |"
-            )
-        lines += [
-            "",
-            "- sources: " + ", ".join(f"`{s}` ({n})" for s, n in snapshot.get("sources", {}).items()),
-        ]
-    else:
-        lines.append(f"- split counts unavailable: {snapshot.get('error', 'no snapshot')}")
-    lines += [
-        "",
-        "## Backbone and training",
-        "",
-        f"- backbone: `{run.tags.get('backbone', '?')}`, "
-        f"pretrained: `{run.tags.get('pretrained', '?')}`, augmentation: `{run.tags.get('augment', '?')}`",
-    ]
-    lines += [f"- {k}: `{v}`" for k, v in sorted(run.params.items())]
-    lines += [
-        "",
-        "## Test metrics",
-        "",
-        f"- macro-F1: {_fmt(m.get('test_macro_f1'))} "
-        f"(95% CI {_fmt(m.get('test_f1_ci_low'))}–{_fmt(m.get('test_f1_ci_high'))})",
-        f"- accuracy: {_fmt(m.get('test_accuracy'))}; validation macro-F1: {_fmt(m.get('val_macro_f1'))}",
-        f"- calibration: ECE {_fmt(m.get('test_ece'))}, Brier {_fmt(m.get('test_brier'))}",
-        "",
-        "| class | precision | recall | F1 |",
-        "|---|---|---|---|",
-    ]
-    for c in task.classes:
-        lines.append(
-            f"| {c} | "
-            + " | ".join(_fmt(m.get(f"test_{metric}_{c}")) for metric in ("precision", "recall", "f1"))
-            + " |"
-        )
-    lines += ["", "## Explanations", ""]
-    lines += [f"![{p}]({p})" for p in explain_images] or ["No explanation images were logged for this run."]
-    lines += [
-        "",
-        "## Gate report",
-        "",
-        gate_markdown.replace("# Promotion gate", "### Promotion gate"),
-        "## Known limitations",
-        "",
-    ]
-    lines += [f"- {note}" for note in known_limitations(run, counts, decision)]
-    return "\n".join(lines) + "\n"
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 # --- adapters -----------------------------------------------------------------------------------------
@@ -289,32 +182,19 @@ def _ui_url(settings: Settings, run: RunRecord, artifact: str) -> str:
     return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}/artifacts/{artifact}"
 
 
-def _snapshot_summary(settings: Settings, task: str, version: str) -> dict[str, Any]:
-    """Split counts (split -> class -> n) and images per source of the dataset version, or why not."""
-    from pipelines.data.snapshot import load_snapshot
-    from pipelines.io.storage import ObjectStore
-
-    try:
-        snap = load_snapshot(ObjectStore.from_settings(settings), task, version)
-    except LeukopsError as err:
-        return {"error": str(err)}
-    sources = snap.frame["source"].value_counts()
-    return {"counts": snap.counts, "sources": {str(k): int(v) for k, v in sources.items()}}
-
-
 def _reevaluated_champion(settings: Settings, champ: CandidateMetrics, dataset_version: str) -> CandidateMetrics:
     """The champion measured again on the test split of ``dataset_version`` (the candidate's)."""
-    from pipelines.model.evaluate import evaluate_model
     from pipelines.data.snapshot import load_snapshot
     from pipelines.io.storage import ObjectStore
-    from pipelines.io.tracking import load_model
+    from pipelines.model.bundle import load_model
+    from pipelines.model.evaluate import evaluate_model
 
     store = ObjectStore.from_settings(settings)
     snap = load_snapshot(store, champ.task, dataset_version)
     test = snap.frame[snap.frame["split"] == "test"]
     if test.empty:
         raise PromotionError(f"dataset {dataset_version} of task {champ.task} has no test split to re-evaluate on")
-    result = evaluate_model(load_model(f"runs:/{champ.run_id}/model", settings=settings), store, test)
+    result = evaluate_model(load_model(run_model_uri(champ.run_id), settings=settings), store, test)
     return CandidateMetrics(
         run_id=champ.run_id,
         task=champ.task,
@@ -328,12 +208,13 @@ def _reevaluated_champion(settings: Settings, champ: CandidateMetrics, dataset_v
     )
 
 
-def _champion(registry: Registry, settings: Settings, task: str, dataset_version: str) -> CandidateMetrics | None:
-    version = registry.aliases(task).get("champion")
-    if version is None:
-        return None
-    record = registry.version(task, version)
-    champ = candidate_metrics(registry.read_run(record.run_id), version=version)
+def _champion_metrics(
+    registry: Registry, settings: Settings, champion: VersionRecord, dataset_version: str
+) -> CandidateMetrics:
+    """The champion's metrics on the test split of ``dataset_version``: logged, or measured again there."""
+    if not champion.run_id:
+        raise PromotionError(f"{champion.name} v{champion.version} (@champion) has no training run to compare with")
+    champ = candidate_metrics(registry.read_run(champion.run_id), version=champion.version)
     if champ.dataset_version == dataset_version:
         return champ
     return _reevaluated_champion(settings, champ, dataset_version)
@@ -341,36 +222,18 @@ def _champion(registry: Registry, settings: Settings, task: str, dataset_version
 
 def _gate(registry: Registry, settings: Settings, run: RunRecord) -> tuple[CandidateMetrics, GateDecision]:
     candidate = candidate_metrics(run)
-    current = registry.aliases(candidate.task).get("champion")
-    if current is not None and registry.version(candidate.task, current).run_id == run.run_id:
-        raise PromotionError(
-            f"run {run.run_id} is already @champion ({registry.model_name(candidate.task)} v{current})"
-        )
-    champion = _champion(registry, settings, candidate.task, candidate.dataset_version)
-    return candidate, decide(candidate, champion, settings.gate)
+    champion = registry.champion(candidate.task)
+    if champion is None:
+        return candidate, decide(candidate, None, settings.gate)
+    if champion.run_id == run.run_id:
+        raise PromotionError(f"run {run.run_id} is already @champion ({champion.name} v{champion.version})")
+    champ = _champion_metrics(registry, settings, champion, candidate.dataset_version)
+    return candidate, decide(candidate, champ, settings.gate)
 
 
 def _store_reports(registry: Registry, run: RunRecord, decision: GateDecision) -> str:
     registry.log_text(run.run_id, decision.to_markdown(), GATE_REPORT_MD)
     return registry.log_text(run.run_id, decision.to_json(), GATE_REPORT_JSON)
-
-
-def _write_model_card(
-    registry: Registry, settings: Settings, run: RunRecord, version: VersionRecord, decision: GateDecision
-) -> str:
-    images = [p for p in registry.list_artifacts(run.run_id, EXPLAIN_DIR) if p.lower().endswith(IMAGE_SUFFIXES)]
-    card = render_model_card(
-        run,
-        version.name,
-        version.version,
-        decision,
-        decision.to_markdown(),
-        _snapshot_summary(settings, decision.task, decision.dataset_version),
-        images,
-    )
-    uri = registry.log_text(run.run_id, card, MODEL_CARD)
-    registry.tag_version(decision.task, version.version, {"model_card": uri})
-    return uri
 
 
 def _promote_one(registry: Registry, settings: Settings, run: RunRecord, reason: str) -> Promotion:
@@ -380,7 +243,7 @@ def _promote_one(registry: Registry, settings: Settings, run: RunRecord, reason:
     description = version_description(decision, report_uri, _ui_url(settings, run, GATE_REPORT_MD))
     tags = version_tags(decision, report_uri) | {"gate.by": _actor(settings), "gate.reason": reason}
     version = registry.register(task, run, tags, description)
-    card_uri = _write_model_card(registry, settings, run, version, decision) if decision.passed else None
+    card_uri = write_model_card(registry, settings, run, version, decision) if decision.passed else None
     registry.set_run_tags(
         run.run_id,
         {"leukops.gate": "passed" if decision.passed else "refused", "leukops.version": version.version},
@@ -428,11 +291,17 @@ def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings |
     ranked = sorted(runs, key=lambda r: r.metrics["val_macro_f1"], reverse=True)
     ranking = [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked]
     task = next(iter(tasks))
-    champion = registry.aliases(task).get("champion")
-    champion_run = registry.version(task, champion).run_id if champion is not None else None
-    if champion_run in {r.run_id for r in runs}:  # a rerun after this selection already promoted one
-        return {"task": task, "promoted": True, "selected_run_id": champion_run, "version": int(champion),
-                "ranking": ranking, "results": [], "note": f"run {champion_run} is already @champion"}  # fmt: skip
+    champion = registry.champion(task)
+    if champion is not None and champion.run_id in {r.run_id for r in runs}:  # a rerun after it promoted one
+        return {
+            "task": task,
+            "promoted": True,
+            "selected_run_id": champion.run_id,
+            "version": int(champion.version),
+            "ranking": ranking,
+            "results": [],
+            "note": f"run {champion.run_id} is already @champion",
+        }
     results = []
     for run in ranked:
         result = _promote_one(

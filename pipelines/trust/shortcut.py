@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
-from sklearn.metrics import f1_score
 
-from pipelines.core.errors import LeukopsError
 from pipelines.core.corners import LABEL_CORNER, Box, corner_boxes
+from pipelines.core.errors import LeukopsError
+from pipelines.model.evaluate import macro_f1
 
 PredictFn = Callable[[list[np.ndarray]], np.ndarray]
 BoxesFn = Callable[[int, int], Mapping[str, Box]]
@@ -88,12 +88,6 @@ class Effect:
     @property
     def f1_drop(self) -> float:
         return self.macro_f1_before - self.macro_f1_after
-
-
-def macro_f1(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """Macro-F1 over the classes present in ``labels``."""
-    present = np.unique(labels)
-    return float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
 
 
 def intervention_effect(labels: np.ndarray, before: np.ndarray, after: np.ndarray) -> Effect:

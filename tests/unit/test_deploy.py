@@ -38,11 +38,10 @@ def _env(service: dict) -> dict:
 
 
 def test_compose_has_the_full_stack():
-    expected = {
-        "postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
-        "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
-        "airflow-worker-gpu", "serving",
-    }  # fmt: skip
+    expected = set(
+        "postgres redis minio minio-init mlflow airflow-init airflow-apiserver airflow-scheduler"
+        " airflow-dag-processor airflow-triggerer airflow-worker airflow-worker-gpu serving".split()
+    )
     assert expected <= set(SERVICES)
 
 
@@ -175,10 +174,34 @@ def test_helm_values_parse_and_use_the_project_image():
     assert not secrets_in_values
 
 
-def test_compose_and_embedded_stack_use_the_same_settings_names():
-    from pipelines.core.settings import Settings
+def _settings_env_names() -> set[str]:
+    """LEUKOPS_<FIELD> of every setting, and LEUKOPS_<SECTION>__<KEY> of every key of a nested section."""
+    from pydantic import BaseModel
 
-    fields = {f"LEUKOPS_{name.upper()}" for name in Settings.model_fields}
+    from pipelines.core.settings import Settings, env_name
+
+    names = set()
+    for name, field in Settings.model_fields.items():
+        section = field.annotation if isinstance(field.annotation, type) else None
+        if section is not None and issubclass(section, BaseModel):
+            names |= {env_name(f"{name}.{key}") for key in section.model_fields}
+        else:
+            names.add(env_name(name))
+    return names
+
+
+def test_compose_and_embedded_stack_use_the_same_settings_names():
     compose_vars = {key for s in SERVICES.values() for key in _env(s) if key.startswith("LEUKOPS_")}
     compose_vars -= {"LEUKOPS_GPU_POOL_SLOTS"}  # read by infra/airflow/init.sh, not by the settings
-    assert compose_vars <= fields, compose_vars - fields
+    assert compose_vars <= _settings_env_names(), compose_vars - _settings_env_names()
+
+
+def test_env_example_names_only_real_settings():
+    example_vars = {name for name in ENV_EXAMPLE if name.startswith("LEUKOPS_")}
+    example_vars -= {"LEUKOPS_VERSION", "LEUKOPS_GPU_COUNT", "LEUKOPS_GPU_POOL_SLOTS"}  # compose / init.sh only
+    assert example_vars <= _settings_env_names(), example_vars - _settings_env_names()
+
+
+def test_only_serving_gets_the_api_token():
+    holders = {name for name, service in SERVICES.items() if "LEUKOPS_SERVING__TOKEN" in _env(service)}
+    assert holders == {"serving"}

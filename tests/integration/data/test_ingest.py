@@ -1,37 +1,26 @@
-"""Ingest, quarantine and snapshots end to end: real SeaweedFS S3, real all_taleqani images, the CLI."""
+"""Ingest and snapshots end to end: real SeaweedFS S3, real all_taleqani images, the CLI."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pipelines.cli import main
-from pipelines.data.ingest import accepted_rows, ingest_source
+from pipelines.data.ingest import ingest_source
+from pipelines.data.manifests import accepted_rows
 from pipelines.data.snapshot import load_snapshot
 from pipelines.data.sources import Source, default_label_map
-from pipelines.io.storage import ObjectStore, StorageError
+from pipelines.io import layout
+from pipelines.io.storage import ObjectStore
+from tests.integration.data.commands import TASK, add_source, cli, key_of
 
 pytestmark = pytest.mark.usefixtures("stack")
 CLASSES = ("Benign", "Early", "Pre", "Pro")
-TASK = "all_subtypes"
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict]:
-    code = main([*args, "--json"])
-    captured = capsys.readouterr()
-    assert captured.out.strip(), captured.err
-    return code, json.loads(captured.out.strip().splitlines()[-1])
-
-
-def add_source(capsys, name: str, path: Path | str, *extra: str) -> None:
-    code, out = cli(capsys, "source", "add", name, "--path", str(path), "--task", TASK, *extra)
-    assert code == 0 and out["source"] == name
+RAW_DIR = f"{layout.RAW_SHARDS}/"
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +54,18 @@ def test_ingest_real_images_then_reingest_adds_nothing(capsys, store: ObjectStor
     assert {r["reason"] for r in first["rejections"]} == {"duplicate"}
     rows = accepted_rows(store, "tq-a")
     assert set(rows["sha256"]) == set(unique) and all(store.exists(k) for k in rows["key"])
-    assert all(k.startswith("raw/sha256/") and k.endswith(".jpg") for k in rows["key"])
-    manifest = store.get_parquet(store.key_from_uri(first["manifest"]))
+    assert all(k == layout.raw_key(sha, "jpg") for sha, k in zip(rows["sha256"], rows["key"], strict=True))
+    manifest = store.get_parquet(key_of(store, first["manifest"]))
     assert len(manifest) == 100 and manifest["phash"].str.len().eq(16).sum() == 100
-    assert first["data_docs"] == store.uri(f"reports/validation/2026-01-02/{first['batch_id']}/index.html")
-    assert b"<html" in store.get_bytes(store.key_from_uri(first["data_docs"])).lower()
+    report = layout.validation_report_prefix("2026-01-02", first["batch_id"])
+    assert first["data_docs"] == store.uri(layout.data_docs_key(report))
+    assert b"<html" in store.get_bytes(key_of(store, first["data_docs"])).lower()
 
-    raw_before, batches_before = store.list("raw/"), store.list("manifests/batches/tq-a/")
+    raw_before, batches_before = store.list(RAW_DIR), store.list(layout.batches_dir("tq-a"))
     code, again = cli(capsys, "ingest", "tq-a")
     assert code == 0 and again["status"] == "nothing_new" and again["batch_id"] is None
     assert again["already_ingested"] == 100 and "no batch" in again["message"]
-    assert store.list("raw/") == raw_before and store.list("manifests/batches/tq-a/") == batches_before
+    assert store.list(RAW_DIR) == raw_before and store.list(layout.batches_dir("tq-a")) == batches_before
 
 
 def test_planted_bad_inputs_are_rejected_with_reasons_and_the_rest_accepted(
@@ -108,41 +98,11 @@ def test_planted_bad_inputs_are_rejected_with_reasons_and_the_rest_accepted(
     assert reasons["../outside.jpg"] == "path_traversal"
     assert "unknown_label" in reasons.values() and "duplicate" in reasons.values()
     assert unicode_name not in reasons and out["accepted"] == 25
-    manifest = store.get_parquet(store.key_from_uri(out["manifest"])).set_index("path")
+    manifest = store.get_parquet(key_of(store, out["manifest"])).set_index("path")
     assert manifest.loc["../outside.jpg", "sha256"] is None  # never read
-    kept = manifest.loc["imgs/truncated.jpg", "key"]
-    assert kept.startswith(f"quarantine/tq-planted/{out['batch_id']}/rejected/") and store.exists(kept)
-
-
-def test_all_bad_batch_is_quarantined_kept_and_releasable(
-    capsys, store: ObjectStore, bad_inputs: dict[str, bytes], tmp_path: Path
-) -> None:
-    (tmp_path / "Early").mkdir()
-    for name in ("empty.jpg", "notes.jpg", "truncated.jpg"):
-        (tmp_path / "Early" / name).write_bytes(bad_inputs[name])
-    add_source(capsys, "tq-bad", tmp_path)
-
-    code, out = cli(capsys, "ingest", "tq-bad")
-    assert code == 1 and out["status"] == "quarantined" and out["accepted"] == 0
-    held = f"quarantine/tq-bad/{out['batch_id']}"
-    assert out["manifest"] == store.uri(f"{held}/manifest.parquet")
-    assert store.exists(f"{held}/validation.json") and len(store.list(f"{held}/rejected/")) == 3
-    with pytest.raises(StorageError, match="refusing to delete"):
-        store.delete(f"{held}/manifest.parquet")
-    assert accepted_rows(store, "tq-bad").empty
-
-    _, listed = cli(capsys, "quarantine", "list")
-    entry = next(b for b in listed["batches"] if b["batch_id"] == out["batch_id"])
-    assert entry["status"] == "quarantined" and entry["reasons"]
-
-    code, released = cli(capsys, "quarantine", "release", out["batch_id"], "--reason", "lab confirmed: test files")
-    assert code == 0 and released["revalidation"]["rejected"] == 3
-    assert store.exists(f"manifests/batches/tq-bad/{out['batch_id']}.parquet")
-    _, listed = cli(capsys, "quarantine", "list")
-    entry = next(b for b in listed["batches"] if b["batch_id"] == out["batch_id"])
-    assert entry["status"] == "released" and entry["release"]["reason"] == "lab confirmed: test files"
-    assert main(["quarantine", "release", out["batch_id"], "--reason", "again"]) == 2
-    assert "already released" in capsys.readouterr().err
+    truncated = manifest.loc["imgs/truncated.jpg"]
+    kept = layout.rejected_original_key("tq-planted", out["batch_id"], truncated["sha256"], "jpg")
+    assert truncated["key"] == kept and store.exists(kept)
 
 
 def test_files_beyond_the_memory_budget_are_reread_verified_and_stored(
@@ -156,12 +116,12 @@ def test_files_beyond_the_memory_budget_are_reread_verified_and_stored(
     shutil.copyfile(pro[0], tmp_path / "Pro" / "zz-copy.jpg")
     (tmp_path / "Pro" / "truncated.jpg").write_bytes(bad_inputs["truncated.jpg"])
     source = Source("tq-spill", str(tmp_path), "folders", default_label_map([TASK]), (TASK,))
-    raw_before = set(store.list("raw/"))
+    raw_before = set(store.list(RAW_DIR))
     report = ingest_source(source, settings, store, run_date="2026-01-03", keep_bytes=0)
     assert report.status == "accepted" and report.accepted == 3
-    assert report.new_objects == len(set(store.list("raw/")) - raw_before) > 0
+    assert report.new_objects == len(set(store.list(RAW_DIR)) - raw_before) > 0
     assert {r["reason"] for r in report.rejections} == {"duplicate", "truncated"}
-    manifest = store.get_parquet(store.key_from_uri(report.manifest)).set_index("path")
+    manifest = store.get_parquet(key_of(store, report.manifest)).set_index("path")
     for f in pro:
         assert store.get_bytes(manifest.loc[f"Pro/{f.name}", "key"]) == f.read_bytes()
     assert store.get_bytes(manifest.loc["Pro/truncated.jpg", "key"]) == bad_inputs["truncated.jpg"]

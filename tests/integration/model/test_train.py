@@ -17,10 +17,11 @@ import torch
 from pipelines.cli import main
 from pipelines.data.imagefacts import decode_image
 from pipelines.data.ingest import ingest_source
-from pipelines.io.registry import Registry
 from pipelines.data.snapshot import take_snapshot
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
-from pipelines.io.tracking import find_finished_run
+from pipelines.io.registry import Registry
+from pipelines.model.bundle import load_model
+from pipelines.model.candidate import CandidateSummary, finished_candidate
 
 TASK = "all_subtypes"
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -43,7 +44,7 @@ def _ingest(settings, store, name: str, folder: Path, role: str = "train", tasks
 
 
 @pytest.fixture(scope="module")
-def trained(stack, settings, store, shared_data, tmp_path_factory) -> dict:
+def trained(stack, settings, store, shared_data, tmp_path_factory) -> CandidateSummary:
     """One real transfer-learned run: 40 images, 64 px, head-only epoch then a fine-tuning epoch."""
     from pipelines.model.candidate import train_candidate
 
@@ -51,22 +52,35 @@ def trained(stack, settings, store, shared_data, tmp_path_factory) -> dict:
     _ingest(settings, store, "taleqani-train", folder)
     version = take_snapshot(store, settings, TASK).snapshot.version
     return train_candidate(
-        settings, TASK, "efficientnet_lite0", "mixup", dataset_version=version, image_size=64,
-        max_images=40, batch_size=8, epochs=2, head_epochs=1, lr=3e-3, extra_tags={"candidate_key": "it-train-1"},
-    )  # fmt: skip
+        settings,
+        TASK,
+        "efficientnet_lite0",
+        "mixup",
+        dataset_version=version,
+        image_size=64,
+        max_images=40,
+        batch_size=8,
+        epochs=2,
+        head_epochs=1,
+        lr=3e-3,
+        extra_tags={"candidate_key": "it-train-1"},
+    )
 
 
 def test_training_run_is_logged_with_contract_metrics_tags_and_artifacts(trained, settings) -> None:
-    assert trained["pretrained"] is True and trained["epochs_run"] == 2
-    assert 0.0 <= trained["test_f1"] <= 1.0 and 0.0 <= trained["val_f1"] <= 1.0
+    assert trained.pretrained is True and trained.epochs_run == 2
+    assert 0.0 <= trained.test_f1 <= 1.0 and 0.0 <= trained.val_f1 <= 1.0
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
-    run = client.get_run(trained["run_id"])
+    run = client.get_run(trained.run_id)
     assert run.info.status == "FINISHED"
     tags, metrics = run.data.tags, run.data.metrics
     assert {k: tags[k] for k in ("task", "backbone", "augment", "pretrained")} == {
-        "task": TASK, "backbone": "efficientnet_lite0", "augment": "mixup", "pretrained": "true"
-    }  # fmt: skip
-    assert tags["dataset_version"] == trained["dataset_version"]
+        "task": TASK,
+        "backbone": "efficientnet_lite0",
+        "augment": "mixup",
+        "pretrained": "true",
+    }
+    assert tags["dataset_version"] == trained.dataset_version
     for name in (
         "val_macro_f1",
         "test_macro_f1",
@@ -80,22 +94,21 @@ def test_training_run_is_logged_with_contract_metrics_tags_and_artifacts(trained
     assert any(k.startswith("test_recall_") for k in metrics)
     assert metrics["image_size"] == 64 and metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 40
     assert run.data.params["train.epochs"] == "2"
-    history = client.get_metric_history(trained["run_id"], "epoch/val_macro_f1")
+    history = client.get_metric_history(trained.run_id, "epoch/val_macro_f1")
     assert sorted(m.step for m in history) == [0, 1]
     assert metrics["val_macro_f1"] == pytest.approx(max(m.value for m in history))
-    artifacts = {a.path for a in client.list_artifacts(trained["run_id"], "evaluation")}
+    artifacts = {a.path for a in client.list_artifacts(trained.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/per_class_report.txt"} <= artifacts
     assert {i.dataset.name.rsplit("/", 1)[-1] for i in run.inputs.dataset_inputs} == {"train", "val", "test"}
-    found = find_finished_run(settings, {"candidate_key": "it-train-1"})
-    assert found["run_id"] == trained["run_id"] and found["val_f1"] == pytest.approx(trained["val_f1"])
-    assert find_finished_run(settings, {"candidate_key": "never-trained"}) is None
+
+    # an Airflow retry finds the finished run and reports the very summary training returned
+    assert finished_candidate(settings, {"candidate_key": "it-train-1"}) == trained
+    assert finished_candidate(settings, {"candidate_key": "it's never trained"}) is None
 
 
 def test_model_loads_back_as_the_real_timm_module_with_named_layers(trained, shared_data) -> None:
-    from pipelines.io.tracking import load_model
-
-    loaded = load_model(trained["model_uri"])
-    assert loaded.run_id == trained["run_id"] and loaded.task == TASK and loaded.classes == CLASSES
+    loaded = load_model(trained.model_uri)
+    assert loaded.run_id == trained.run_id and loaded.task == TASK and loaded.classes == CLASSES
     assert type(loaded.module.encoder).__name__ == "EfficientNet"
     assert loaded.module.get_submodule(loaded.backbone.gradcam_layer_name) is loaded.gradcam_layer
     assert loaded.preprocessing["input_size"] == [3, 64, 64]
@@ -108,15 +121,13 @@ def test_model_loads_back_as_the_real_timm_module_with_named_layers(trained, sha
 
 
 def test_pyfunc_flavour_predicts_base64_images_like_the_loader(trained, shared_data) -> None:
-    from pipelines.io.tracking import load_model
-
     files = sorted((shared_data / "all_taleqani" / "Benign").iterdir())[:2]
     frame = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]})
-    pyfunc = mlflow.pyfunc.load_model(trained["model_uri"])
+    pyfunc = mlflow.pyfunc.load_model(trained.model_uri)
     assert [c.name for c in pyfunc.metadata.get_input_schema().inputs] == ["image"]
     out = pyfunc.predict(frame)
     assert list(out.columns) == ["predicted_class", "confidence", *CLASSES]
-    expected = load_model(trained["model_uri"]).predict_proba([decode_image(f.read_bytes()).rgb for f in files])
+    expected = load_model(trained.model_uri).predict_proba([decode_image(f.read_bytes()).rgb for f in files])
     assert np.allclose(out[CLASSES].to_numpy(), expected, atol=1e-5)
     assert set(out["predicted_class"]) <= set(CLASSES)
 
@@ -125,13 +136,13 @@ def test_evaluate_on_a_holdout_source_and_refuse_a_source_of_another_task(
     trained, settings, store, shared_data, tmp_path, capsys
 ) -> None:
     _ingest(settings, store, "taleqani-holdout", _copy_images(shared_data, tmp_path / "h", 3, 380), "holdout")
-    code = main(["evaluate", "--model", trained["run_id"], "--source", "taleqani-holdout", "--json"])
+    code = main(["evaluate", "--model", trained.run_id, "--source", "taleqani-holdout", "--json"])
     assert code == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 12 and result["task"] == TASK and result["absent_classes"] == []
     assert 0.0 <= result["macro_f1"] <= 1.0 and set(result["per_class"]) == set(CLASSES)
     registry = Registry.from_settings(settings)
-    version = registry.register(TASK, registry.read_run(trained["run_id"]), {}, "evaluate test").version
+    version = registry.register(TASK, registry.read_run(trained.run_id), {}, "evaluate test").version
     mlflow.MlflowClient(settings.mlflow_tracking_uri).set_registered_model_alias(
         settings.registered_model_name(TASK), "champion", version
     )
@@ -139,19 +150,18 @@ def test_evaluate_on_a_holdout_source_and_refuse_a_source_of_another_task(
     assert code == 0, capsys.readouterr().err
     by_alias = json.loads(capsys.readouterr().out)
     assert by_alias["model_uri"] == f"models:/{settings.registered_model_name(TASK)}@champion"
-    assert by_alias["run_id"] == trained["run_id"] and by_alias["macro_f1"] == pytest.approx(result["macro_f1"])
+    assert by_alias["run_id"] == trained.run_id and by_alias["macro_f1"] == pytest.approx(result["macro_f1"])
     binary_map = {"Benign": "Healthy", "Early": "ALL", "Pre": "ALL", "Pro": "ALL"}
     binary = _copy_images(shared_data, tmp_path / "b", 2, 390)
     save_source(Source("binary-lab", str(binary), "folders", binary_map, ("binary_all",)), settings, replace=True)
-    assert main(["evaluate", "--model", trained["run_id"], "--source", "binary-lab", "--json"]) == 2
+    assert main(["evaluate", "--model", trained.run_id, "--source", "binary-lab", "--json"]) == 2
     assert "not the model's task 'all_subtypes'" in capsys.readouterr().err
 
 
 def test_cli_train_from_random_init_reports_json(trained, capsys) -> None:
-    argv = ["train", "--task", TASK, "--dataset-version", trained["dataset_version"], "--backbone",
-            "custom_cnn", "--augment", "randaug", "--epochs", "1", "--image-size", "32", "--max-images", "24",
-            "--json"]  # fmt: skip
+    argv = ["train", "--task", TASK, "--dataset-version", trained.dataset_version, "--backbone", "custom_cnn"]
+    argv += ["--augment", "randaug", "--epochs", "1", "--image-size", "32", "--max-images", "24", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["pretrained"] is False and out["epochs_run"] == 1 and out["run_id"] != trained["run_id"]
-    assert {"run_id", "val_f1", "test_f1", "test_accuracy"} <= set(out)
+    assert out["pretrained"] is False and out["epochs_run"] == 1 and out["run_id"] != trained.run_id
+    assert set(out) == set(trained.to_dict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -22,17 +23,27 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-from pipelines.monitor.drift import EMBEDDING_NAME, REPORT_PREFIX, SIZE_FEATURES, monitor
 from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, image_facts, perceptual_hash
+from pipelines.io import layout
 from pipelines.io.registry import Registry
 from pipelines.io.storage import sha256_hex
+from pipelines.monitor.drift import monitor
+from pipelines.monitor.features import EMBEDDING_NAME, SIZE_FEATURES
 
 TASK = "wbc"
 RUN_DATE = date(2026, 1, 2)
 STAIN_COLOUR = {
-    "brightness", "contrast", "hue_mean", "saturation_mean", "red_mean", "green_mean", "blue_mean",
-    "purple_share", "hematoxylin_od", "eosin_od",
-}  # fmt: skip
+    "brightness",
+    "contrast",
+    "hue_mean",
+    "saturation_mean",
+    "red_mean",
+    "green_mean",
+    "blue_mean",
+    "purple_share",
+    "hematoxylin_od",
+    "eosin_od",
+}
 UID = uuid.uuid4().hex[:8]
 
 
@@ -55,14 +66,24 @@ def _stain_shift(data: bytes) -> bytes:
 def _manifest_row(store, source: str, path: Path, label: str, transform) -> dict:
     data = path.read_bytes() if transform is None else transform(path.read_bytes())
     ext = "jpg" if transform is not None else path.suffix.lower().lstrip(".")
-    put = store.put_content_addressed(data, ext)
+    sha = sha256_hex(data)
+    key = layout.raw_key(sha, ext)
+    store.put_bytes(key, data)
     decoded = decode_image(data)
     return {
-        "source": source, "path": path.name, "sha256": put.sha256, "key": put.key,
-        "phash": perceptual_hash(decoded.rgb), "ext": ext, "format": decoded.format, "label": label,
-        "source_label": label, "status": "accepted", "reason": None,
+        "source": source,
+        "path": path.name,
+        "sha256": sha,
+        "key": key,
+        "phash": perceptual_hash(decoded.rgb),
+        "ext": ext,
+        "format": decoded.format,
+        "label": label,
+        "source_label": label,
+        "status": "accepted",
+        "reason": None,
         **image_facts(decoded.rgb, decoded.source_channels),
-    }  # fmt: skip
+    }
 
 
 def _write_batch(store, source: str, files: list[tuple[Path, str]], transform=None) -> tuple[str, pd.DataFrame]:
@@ -71,7 +92,7 @@ def _write_batch(store, source: str, files: list[tuple[Path, str]], transform=No
         rows = list(pool.map(lambda item: _manifest_row(store, source, *item, transform), files))
     batch_id = sha256_hex(json.dumps(sorted(r["sha256"] for r in rows)).encode())[:16]
     frame = pd.DataFrame(rows).assign(batch_id=batch_id)
-    store.put_parquet(f"manifests/batches/{source}/{batch_id}.parquet", frame)
+    store.put_parquet(layout.batch_manifest_key(source, batch_id), frame)
     return batch_id, frame
 
 
@@ -111,8 +132,8 @@ class _PageChecker(HTMLParser):
 
 
 def _assert_standalone_report(store, outcome) -> str:
-    key = store.key_from_uri(outcome.report_html)
-    assert key == f"{REPORT_PREFIX}/{RUN_DATE.isoformat()}/{outcome.report_id}.html"
+    key = outcome.report_html.removeprefix(store.uri(""))
+    assert key == layout.drift_report_keys(RUN_DATE, outcome.report_id)[0]
     page = store.get_bytes(key).decode()
     checker = _PageChecker()
     checker.feed(page)
@@ -122,7 +143,7 @@ def _assert_standalone_report(store, outcome) -> str:
     assert 'id="leukops-drift-summary"' in page and "Drift" in page
     assert all(f'"{c}"' in page for c in ("brightness", "hematoxylin_od")), "per-column widgets in the page"
     assert not any(s in page for s in ('src="http', "src='http")), "no external scripts: opens offline"
-    body = store.get_json(store.key_from_uri(outcome.report_json))
+    body = store.get_json(outcome.report_json.removeprefix(store.uri("")))
     assert body["summary"]["drifted_features"] == outcome.summary.drifted_features
     assert any(m["config"]["type"].endswith("DriftedColumnsCount") for m in body["evidently"]["metrics"])
     return page
@@ -140,21 +161,27 @@ def test_two_halves_of_one_source_do_not_drift(store, batches, no_champion):
     assert not outcome.retrain_recommended
     assert s.embedding_drift is None and any("no champion" in n for n in s.notes)
     _assert_standalone_report(store, outcome)
-    index = store.get_bytes(f"{REPORT_PREFIX}/index.html").decode()
+    index = store.get_bytes(layout.DRIFT_INDEX_HTML).decode()
     assert f"{RUN_DATE.isoformat()}/{outcome.report_id}.html" in index
-    run = MlflowClient(no_champion.mlflow_tracking_uri).get_run(outcome.mlflow_run_id)
+    client = MlflowClient(no_champion.mlflow_tracking_uri)
+    run = client.get_run(outcome.mlflow_run_id)
     assert run.data.tags["report_html"] == outcome.report_html and run.data.metrics["drift_share"] == 0.0
-    artifacts = {a.path for a in MlflowClient(no_champion.mlflow_tracking_uri).list_artifacts(run.info.run_id, "drift")}
-    assert artifacts == {"drift/report.html", "drift/report.json"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, posixpath.dirname(layout.DRIFT_REPORT_HTML))}
+    assert artifacts == {layout.DRIFT_REPORT_HTML, layout.DRIFT_REPORT_JSON}
 
 
 def test_pbc_against_the_cellavision_blog_set_drifts_in_stain_and_colour(store, batches, no_champion):
     source_a, _, _ = batches["pbc_a"]
     source_blog, _, _ = batches["blog"]
     outcome = monitor(
-        TASK, f"source:{source_a}", f"source:{source_blog}", settings=no_champion, store=store,
-        run_date=RUN_DATE, log_to_mlflow=False,
-    )  # fmt: skip
+        TASK,
+        f"source:{source_a}",
+        f"source:{source_blog}",
+        settings=no_champion,
+        store=store,
+        run_date=RUN_DATE,
+        log_to_mlflow=False,
+    )
     drifted = set(outcome.summary.drifted_features)
     assert outcome.summary.drift_detected and outcome.retrain_recommended
     assert len(drifted & STAIN_COLOUR) >= 4, drifted
@@ -166,9 +193,14 @@ def test_stain_shift_of_the_same_images_is_detected_and_named(store, batches, no
     _, batch_shifted, frame_shifted = batches["pbc_b_shifted"]
     assert (frame_b[["width", "height"]].to_numpy() == frame_shifted[["width", "height"]].to_numpy()).all()
     outcome = monitor(
-        TASK, f"batch:{batch_b}", f"batch:{batch_shifted}", settings=no_champion, store=store,
-        run_date=RUN_DATE, log_to_mlflow=False,
-    )  # fmt: skip
+        TASK,
+        f"batch:{batch_b}",
+        f"batch:{batch_shifted}",
+        settings=no_champion,
+        store=store,
+        run_date=RUN_DATE,
+        log_to_mlflow=False,
+    )
     drifted = set(outcome.summary.drifted_features)
     assert outcome.summary.drift_detected
     assert {"brightness", "blue_mean", "hue_mean", "hematoxylin_od"} <= drifted, drifted
@@ -179,16 +211,25 @@ def test_serving_window_reads_the_request_log(store, batches, no_champion):
     source_a, _, _ = batches["pbc_a"]
     _, _, frame_b = batches["pbc_b"]
     log = frame_b[list(FACT_COLUMNS)].assign(
-        ts="2026-01-05T10:00:00+00:00", request_id=[f"r{i}" for i in range(len(frame_b))], task=TASK,
-        model_version="1", predicted_class=frame_b["label"], confidence=0.9,
-    )  # fmt: skip
+        ts="2026-01-05T10:00:00+00:00",
+        request_id=[f"r{i}" for i in range(len(frame_b))],
+        task=TASK,
+        model_version="1",
+        predicted_class=frame_b["label"],
+        confidence=0.9,
+    )
     buffer = io.BytesIO()
     log.to_parquet(buffer, index=False)
-    store.put_bytes(f"serving/requests/date=2026-01-05/part-{UID}.parquet", buffer.getvalue())
+    store.put_bytes(layout.request_log_part_key("2026-01-05", UID), buffer.getvalue())
     outcome = monitor(
-        TASK, f"source:{source_a}", "serving:2026-01-04..2026-01-06", settings=no_champion, store=store,
-        run_date=RUN_DATE, log_to_mlflow=False,
-    )  # fmt: skip
+        TASK,
+        f"source:{source_a}",
+        "serving:2026-01-04..2026-01-06",
+        settings=no_champion,
+        store=store,
+        run_date=RUN_DATE,
+        log_to_mlflow=False,
+    )
     assert outcome.summary.n_current == len(frame_b) and not outcome.summary.drift_detected
     assert "file_type" not in outcome.summary.columns, "the request log carries no file type"
 
@@ -196,16 +237,18 @@ def test_serving_window_reads_the_request_log(store, batches, no_champion):
 @pytest.fixture(scope="module")
 def champion(store, settings, batches):
     """An (untrained) custom_cnn registered as @champion, trained on a snapshot of the pbc_a half."""
-    from pipelines.model.backbones import create_backbone
-    from pipelines.model.preprocess import preprocessing_from
     from pipelines.core.taxonomy import get_task
-    from pipelines.io.tracking import ModelBundle, TrainingTracker
+    from pipelines.io.tracking import TrainingTracker
+    from pipelines.model.backbones import create_backbone
+    from pipelines.model.bundle import ModelBundle
+    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.model.pyfunc import log_model
 
     fresh = settings.model_copy(update={"registered_model_prefix": f"drift-champ-{UID}"})
     _, _, frame_a = batches["pbc_a"]
     version = f"drift-test-{UID}"
     snapshot = frame_a[["sha256", "key", "label", "source", "phash", *FACT_COLUMNS]].assign(split="train")
-    store.put_parquet(f"manifests/datasets/{TASK}/{version}.parquet", snapshot)
+    store.put_parquet(layout.dataset_key(TASK, version), snapshot)
     classes = list(get_task(TASK).classes)
     backbone = create_backbone("custom_cnn", len(classes), pretrained=False, image_size=32)
     bundle = ModelBundle.for_backbone(TASK, classes, backbone, preprocessing_from(backbone.data_config))
@@ -218,7 +261,7 @@ def champion(store, settings, batches):
     }
     example = cv2.imencode(".png", np.full((32, 32, 3), 200, np.uint8))[1].tobytes()
     with TrainingTracker(fresh, run_key=f"drift-{UID}", run_name="drift-champion", tags=tags) as run:
-        run.log_model(bundle, backbone.model.state_dict(), example)
+        log_model(run, bundle, backbone.model.state_dict(), example)
     registry = Registry.from_settings(fresh)
     record = registry.register(TASK, registry.read_run(run.run_id), {}, "drift test champion")
     registry.move_aliases(TASK, [("champion", record.version)], {"action": "promote", "who": "test", "why": "drift"})
@@ -233,10 +276,10 @@ def test_champion_reference_adds_embeddings_and_predictions_and_caches_the_pca(s
     assert s.notes == [] and s.n_reference == 104 and s.prediction_drift is not None
     assert s.embedding_drift is not None and s.embedding_drift_detected and 0.5 < s.embedding_drift <= 1.0
     assert EMBEDDING_NAME in s.drifted_features and not any(f.startswith("emb_pc") for f in s.drifted_features)
-    cached = store.list("drift/references/")
+    cached = store.list(f"{layout.DRIFT_REFERENCES}/")
     assert any(k.endswith("/pca.json") for k in cached) and any(k.endswith("/features.parquet") for k in cached)
     _assert_standalone_report(store, outcome)
-    body = store.get_json(store.key_from_uri(outcome.report_json))
+    body = store.get_json(outcome.report_json.removeprefix(store.uri("")))
     embedding_metric = [m for m in body["evidently"]["metrics"] if m["config"]["type"].endswith(":EmbeddingsDrift")]
     assert embedding_metric[0]["value"] == pytest.approx(s.embedding_drift, abs=1e-3)
     assert embedding_metric[0]["config"]["drift_method"]["type"].endswith("ModelDriftMethod")
@@ -254,9 +297,16 @@ def test_cli_prints_the_summary_as_json_and_refuses_bad_specs(store, batches, no
     try:
         assert main([*argv, "--date", RUN_DATE.isoformat(), "--no-mlflow", "--json"]) == 0
         data = json.loads(capsys.readouterr().out)
-        assert {"drift_detected", "drift_share", "drifted_features", "embedding_drift", "retrain_recommended",
-                "report_html", "notes"} <= set(data)  # fmt: skip
-        assert data["report_html"].startswith(f"s3://{store.bucket}/{REPORT_PREFIX}/{RUN_DATE.isoformat()}/")
+        assert {
+            "drift_detected",
+            "drift_share",
+            "drifted_features",
+            "embedding_drift",
+            "retrain_recommended",
+            "report_html",
+            "notes",
+        } <= set(data)
+        assert data["report_html"].startswith(f"s3://{store.bucket}/{layout.DRIFT_REPORTS}/{RUN_DATE.isoformat()}/")
         assert data["drift_detected"] is False and data["embedding_drift"] is None
         assert main(["drift", "--task", TASK, "--current", "yesterday"]) == 2
         assert "bad --current 'yesterday'" in capsys.readouterr().err

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.devstack import airflow_local
 from pipelines.core.settings import get_settings
+from pipelines.devstack import airflow_local
 
 DAGS = Path(__file__).resolve().parents[3] / "dags"
 TASK = "all_subtypes"
@@ -165,8 +165,8 @@ def test_drift_with_new_labels_emits_the_retrain_request(retrain_runs, airflow_s
     identity = {c: c for c in ("Benign", "Early", "Pre", "Pro")}
     source = Source("dag-shifted-lab", str(shifted), "folders", identity, (TASK,))
     save_source(source, airflow_settings)
-    report = ingest_source(source, airflow_settings, ObjectStore.from_settings(airflow_settings),
-                           run_date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    store = ObjectStore.from_settings(airflow_settings)
+    report = ingest_source(source, airflow_settings, store, run_date=time.strftime("%Y-%m-%d"))
     assert report.status == "accepted"
     before = airflow_local.asset_events(airflow_settings, "leukops_retrain_request", "leukops_drift")
     drift = airflow_local.dags_test(airflow_settings, DAGS, "leukops_drift")

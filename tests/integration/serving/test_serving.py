@@ -2,9 +2,9 @@
 registry, served by the real app (registry source, S3 request log), hot-reloaded when @champion moves.
 
 The champion is a real transfer-learned EfficientNet-Lite0 (32 real Taleqani images ingested into S3,
-a snapshot, one 64 px epoch via ``training_run.train_candidate``), registered and aliased with
+a snapshot, one 64 px epoch via ``pipelines.model.candidate.train_candidate``), registered and aliased with
 ``pipelines.io.registry``. The second version (for the alias move) is a real untrained custom_cnn logged
-through ``TrainingTracker.log_model``. Each module run uses its own registered-model prefix.
+through ``pipelines.model.pyfunc.log_model``. Each module run uses its own registered-model prefix.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pipelines.core.taxonomy import get_task
 from pipelines.data.ingest import ingest_source
-from pipelines.io.registry import Registry
 from pipelines.data.snapshot import take_snapshot
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
-from pipelines.core.taxonomy import get_task
+from pipelines.io.layout import SERVING_REQUESTS
+from pipelines.io.registry import Registry
 from serving.app import create_app
-from serving.requestlog import CONTRACT_COLUMNS, PREFIX
+from serving.requestlog import CONTRACT_COLUMNS
 
 TASK = "all_subtypes"
 CLASSES = list(get_task(TASK).classes)
@@ -48,32 +49,41 @@ def _ingest_taleqani(settings, store, shared_data: Path, root: Path) -> None:
 
 
 def _log_untrained_version(settings, registry: Registry) -> str:
+    from pipelines.io.tracking import TrainingTracker
     from pipelines.model.backbones import create_backbone
+    from pipelines.model.bundle import ModelBundle
     from pipelines.model.preprocess import preprocessing_from
-    from pipelines.io.tracking import ModelBundle, TrainingTracker
+    from pipelines.model.pyfunc import log_model
 
     backbone = create_backbone("custom_cnn", len(CLASSES), pretrained=False, image_size=64)
     bundle = ModelBundle.for_backbone(TASK, CLASSES, backbone, preprocessing_from(backbone.data_config))
     example = cv2.imencode(".png", np.full((64, 64, 3), 200, np.uint8))[1].tobytes()
-    tags = {"task": TASK, "dataset_version": "unused", "backbone": "custom_cnn", "augment": "none",
-            "pretrained": "false"}
+    tags = {
+        "task": TASK,
+        "dataset_version": "unused",
+        "backbone": "custom_cnn",
+        "augment": "none",
+        "pretrained": "false",
+    }
     with TrainingTracker(settings, run_key=f"serving-{uuid.uuid4().hex}", run_name="v2", tags=tags) as run:
-        run.log_model(bundle, backbone.model.state_dict(), example)
+        log_model(run, bundle, backbone.model.state_dict(), example)
     record = registry.register(TASK, registry.read_run(run.run_id), {"gate.passed": "true"}, "test v2")
     return record.version
 
 
 @pytest.fixture(scope="module")
 def serve_settings(settings, stack):
-    return settings.model_copy(update={
-        "registered_model_prefix": f"serving{uuid.uuid4().hex[:8]}",
-        "serve_task": TASK,
-        "reload_interval_s": 0.5,
-        "request_log_flush_rows": 4,
-        "request_log_flush_s": 1.0,
-        "log_raw_images": True,
-        "max_upload_mb": 1.0,
-    })
+    serving = settings.serving.model_copy(
+        update={
+            "task": TASK,
+            "reload_interval_s": 0.5,
+            "request_log_flush_rows": 4,
+            "request_log_flush_s": 1.0,
+            "log_raw_images": True,
+            "max_upload_mb": 1.0,
+        }
+    )
+    return settings.model_copy(update={"registered_model_prefix": f"serving{uuid.uuid4().hex[:8]}", "serving": serving})
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +93,27 @@ def champion(serve_settings, store, shared_data, tmp_path_factory) -> dict:
     _ingest_taleqani(serve_settings, store, shared_data, tmp_path_factory.mktemp("serving-taleqani"))
     version = take_snapshot(store, serve_settings, TASK).snapshot.version
     trained = train_candidate(
-        serve_settings, TASK, "efficientnet_lite0", "none", dataset_version=version, image_size=64,
-        max_images=32, batch_size=8, epochs=1, head_epochs=1, lr=3e-3,
-    )  # fmt: skip
+        serve_settings,
+        TASK,
+        "efficientnet_lite0",
+        "none",
+        dataset_version=version,
+        image_size=64,
+        max_images=32,
+        batch_size=8,
+        epochs=1,
+        head_epochs=1,
+        lr=3e-3,
+    )
     registry = Registry.from_settings(serve_settings)
-    record = registry.register(TASK, registry.read_run(trained["run_id"]),
-                               {"gate.passed": "true", "gate.macro_f1": f"{trained['test_f1']:.3f}"}, "test")
+    record = registry.register(
+        TASK,
+        registry.read_run(trained.run_id),
+        {"gate.passed": "true", "gate.macro_f1": f"{trained.test_f1:.3f}"},
+        "test",
+    )
     registry.move_aliases(TASK, [("champion", record.version)], AUDIT)
-    return {"version": record.version, "run_id": trained["run_id"], "registry": registry}
+    return {"version": record.version, "run_id": trained.run_id, "registry": registry}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +129,7 @@ def smears(shared_data: Path) -> list[tuple[str, bytes]]:
 
 
 def _auth(settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.secret('api_token')}"}
+    return {"Authorization": f"Bearer {settings.secret('serving.token')}"}
 
 
 def _predict(client, settings, name: str, data: bytes, query: str = ""):
@@ -114,9 +137,7 @@ def _predict(client, settings, name: str, data: bytes, query: str = ""):
     return client.post(f"/v1/predict{query}", files=files, headers=_auth(settings))
 
 
-def test_champion_predicts_a_valid_distribution_on_real_images(
-    client, serve_settings, champion, smears
-) -> None:
+def test_champion_predicts_a_valid_distribution_on_real_images(client, serve_settings, champion, smears) -> None:
     for name, data in smears:
         response = _predict(client, serve_settings, name, data)
         assert response.status_code == 200, response.text
@@ -145,21 +166,20 @@ def test_auth_and_bad_inputs_are_4xx(client, serve_settings, smears) -> None:
     assert client.post("/v1/predict", files={"file": (name, data)}).status_code == 401
     assert _predict(client, serve_settings, "x.txt", b"plain text, not pixels").status_code == 415
     assert _predict(client, serve_settings, "cut.jpg", data[: len(data) // 3]).status_code == 422
-    oversize = b"\xff\xd8" + bytes(int(serve_settings.max_upload_mb * 1024 * 1024) + 1)
+    oversize = b"\xff\xd8" + bytes(int(serve_settings.serving.max_upload_mb * 1024 * 1024) + 1)
     assert _predict(client, serve_settings, "big.jpg", oversize).status_code == 413
 
 
-def test_request_log_lands_in_s3_and_the_drift_side_reads_it(
-    client, serve_settings, champion, store, smears
-) -> None:
-    from pipelines.monitor import drift
+def test_request_log_lands_in_s3_and_the_drift_side_reads_it(client, serve_settings, champion, store, smears) -> None:
+    from pipelines.monitor.features import serving_side_features
+    from pipelines.monitor.inputs import serving_rows
 
-    before = set(store.list(f"{PREFIX}/"))
+    before = set(store.list(f"{SERVING_REQUESTS}/"))
     ids = {_predict(client, serve_settings, *smears[i % 4]).json()["request_id"] for i in range(8)}
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        new = [k for k in store.list(f"{PREFIX}/") if k not in before and k.endswith(".parquet")]
-        frame = drift.serving_rows(store, TASK, f"{datetime.now(UTC):%Y-%m-%d}..{datetime.now(UTC):%Y-%m-%d}")
+        new = [k for k in store.list(f"{SERVING_REQUESTS}/") if k not in before and k.endswith(".parquet")]
+        frame = serving_rows(store, TASK, f"{datetime.now(UTC):%Y-%m-%d}..{datetime.now(UTC):%Y-%m-%d}")
         if ids <= set(frame["request_id"]):
             break
         time.sleep(0.5)
@@ -171,7 +191,7 @@ def test_request_log_lands_in_s3_and_the_drift_side_reads_it(
     assert {len(e) for e in rows["embedding"]} == {1280}  # efficientnet_lite0's pooled features
     assert store.exists(rows["image_key"].iloc[0])  # log_raw_images is on in this module
     assert set(rows["model_version"]) == {champion["version"]}
-    features = drift.serving_side_features(rows, None, champion["version"]).features
+    features = serving_side_features(rows, None, champion["version"]).features
     assert len(features) == len(rows) and "brightness" in features.columns
 
 
@@ -180,15 +200,15 @@ def test_drift_cli_reads_the_serving_log_against_the_champion(
 ) -> None:
     import json
 
-    from pipelines.monitor import drift
     from pipelines.cli import main
     from pipelines.core.settings import get_settings
+    from pipelines.monitor.inputs import serving_rows
 
     window = f"{datetime.now(UTC):%Y-%m-%d}..{datetime.now(UTC):%Y-%m-%d}"
     for i in range(24):  # drift needs at least 20 requests on the current side
         assert _predict(client, serve_settings, *smears[i % 4]).status_code == 200
     deadline = time.monotonic() + 20
-    while len(drift.serving_rows(store, TASK, window)) < 24 and time.monotonic() < deadline:
+    while len(serving_rows(store, TASK, window)) < 24 and time.monotonic() < deadline:
         time.sleep(0.5)
     monkeypatch.setenv("LEUKOPS_REGISTERED_MODEL_PREFIX", serve_settings.registered_model_prefix)
     get_settings.cache_clear()

@@ -9,11 +9,11 @@ import mlflow
 import pytest
 
 from pipelines.cli import main
-from pipelines.trust.explain import ExplainError, explain_run
 from pipelines.data.ingest import ingest_source
 from pipelines.data.snapshot import take_snapshot
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
 from pipelines.devstack.synthetic import write_synthetic
+from pipelines.trust.explain import ExplainError, explain_run
 
 TASK = "binary_all"
 
@@ -32,7 +32,7 @@ def run_id(stack, settings, store, tmp_path_factory) -> str:
     summary = train_candidate(
         settings, TASK, "custom_cnn", "none", dataset_version=version, image_size=64, batch_size=16, epochs=1
     )
-    return summary["run_id"]
+    return summary.run_id
 
 
 def test_explain_logs_metrics_and_artifacts_to_the_run(run_id, settings) -> None:

@@ -1,7 +1,7 @@
 """Promotion, rollback, sign-off and alias safety on the real local MLflow server.
 
 Candidate runs are real MLflow runs with a real (untrained, tiny) leukops model logged through
-``TrainingTracker.log_model`` and the metric/tag names of the tracking contract; their metrics are set
+``pipelines.model.pyfunc.log_model`` and the metric/tag names of the tracking contract; their metrics are set
 directly so each scenario (worse, better, shortcut) is exact; one run gets its explanation metrics from
 the real ``explain.explain_run``, and the champion is re-evaluated with the real ``evaluate_model``.
 Every test gets its own registered-model prefix: the runs are shared, each registry starts empty.
@@ -19,9 +19,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.trust.promote import approve, list_models, promote_run, rollback, select_and_promote
-from pipelines.io.registry import Registry, RegistryError
 from pipelines.core.settings import GateThresholds
+from pipelines.io import layout
+from pipelines.io.registry import Registry, RegistryError
+from pipelines.io.storage import sha256_hex
+from pipelines.trust.promote import approve, list_models, promote_run, rollback, select_and_promote
 
 TASK = "binary_all"
 CLASSES = ("ALL", "Healthy")
@@ -52,20 +54,14 @@ CANDIDATES = {
 
 
 def _log_candidate(settings, name: str, metrics: dict[str, float], dataset: str = DATASET) -> str:
+    from pipelines.io.tracking import TrainingTracker
     from pipelines.model.backbones import create_backbone
+    from pipelines.model.bundle import ModelBundle
     from pipelines.model.preprocess import preprocessing_from
-    from pipelines.io.tracking import ModelBundle, TrainingTracker
+    from pipelines.model.pyfunc import log_model
 
     backbone = create_backbone("custom_cnn", len(CLASSES), pretrained=False, image_size=32)
-    bundle = ModelBundle(
-        task=TASK,
-        classes=list(CLASSES),
-        backbone="custom_cnn",
-        image_size=32,
-        pretrained=False,
-        preprocessing=preprocessing_from(backbone.data_config),
-        gradcam_layer_name=backbone.gradcam_layer_name,
-    )
+    bundle = ModelBundle.for_backbone(TASK, CLASSES, backbone, preprocessing_from(backbone.data_config))
     image = cv2.imencode(".png", np.full((32, 32, 3), 200, np.uint8))[1].tobytes()
     tags = {
         "task": TASK,
@@ -76,7 +72,7 @@ def _log_candidate(settings, name: str, metrics: dict[str, float], dataset: str 
     }
     with TrainingTracker(settings, run_key=f"promote-test-{name}-{uuid.uuid4().hex}", run_name=name, tags=tags) as run:
         run.log_metrics(metrics)
-        run.log_model(bundle, backbone.model.state_dict(), image)
+        log_model(run, bundle, backbone.model.state_dict(), image)
     return run.run_id
 
 
@@ -86,8 +82,10 @@ def snapshots(store, shared_data) -> pd.DataFrame:
     rows = []
     for folder, label in (("Benign", "Healthy"), ("Early", "ALL")):
         for path in sorted((shared_data / "all_taleqani" / folder).glob("*.jpg"))[:4]:
-            put = store.put_content_addressed(path.read_bytes(), "jpg")
-            rows.append({"sha256": put.sha256, "key": put.key, "label": label, "source": "all_taleqani"})
+            data = path.read_bytes()
+            sha = sha256_hex(data)
+            store.put_bytes(layout.raw_key(sha, "jpg"), data)
+            rows.append({"sha256": sha, "key": layout.raw_key(sha, "jpg"), "label": label, "source": "all_taleqani"})
     frame = pd.DataFrame(rows)
     v1 = frame.assign(split=["train", "train", "val", "test"] * 2)
     store.put_parquet(f"manifests/datasets/{TASK}/{DATASET}.parquet", v1)
@@ -153,8 +151,8 @@ def test_first_candidate_becomes_champion_with_report_card_and_audit(runs, fresh
 
 
 def test_champion_is_re_evaluated_on_the_candidates_grown_test_split(runs, fresh, store, snapshots):
+    from pipelines.model.bundle import load_model
     from pipelines.model.evaluate import evaluate_model
-    from pipelines.io.tracking import load_model
 
     promote_run(runs["good"], "first", fresh)  # champion measured on v1 (logged test F1 0.85)
     result = promote_run(runs["grown"], "new data arrived", fresh)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, hamming, perceptual_hash
+from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, perceptual_hash
 from pipelines.data.snapshot import (
     NEAR_DUPLICATE_BITS,
     SnapshotError,
@@ -20,10 +20,13 @@ from pipelines.data.snapshot import (
     build_snapshot,
     dataset_version,
     empty_ledger,
+    hamming_to_all,
     hash_split,
+    phash_ints,
     split_warnings,
     training_candidates,
 )
+from pipelines.io import layout
 from pipelines.io.storage import sha256_hex
 
 TASK = "all_subtypes"
@@ -40,8 +43,15 @@ def rows_from(paths: list[Path], source: str = "lab-a", label: str | None = None
 def _row(data: bytes, label: str, source: str, rgb: np.ndarray, patient: str | None = None) -> dict:
     sha = sha256_hex(data)
     facts = dict.fromkeys(FACT_COLUMNS, 1.0)
-    return {"sha256": sha, "key": f"raw/{sha}.jpg", "label": label, "source": source,
-            "phash": perceptual_hash(rgb), "patient_id": patient, **facts}  # fmt: skip
+    return {
+        "sha256": sha,
+        "key": layout.raw_key(sha, "jpg"),
+        "label": label,
+        "source": source,
+        "phash": perceptual_hash(rgb),
+        "patient_id": patient,
+        **facts,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +87,8 @@ def test_reencoded_and_resized_copies_inherit_their_originals_split(taleqani: li
         buffer = io.BytesIO()
         Image.fromarray(small).save(buffer, "JPEG", quality=60)
         copy_rgb = decode_image(buffer.getvalue()).rgb
-        assert hamming(perceptual_hash(rgb), perceptual_hash(copy_rgb)) <= NEAR_DUPLICATE_BITS
+        original_hash, copy_hash = phash_ints([perceptual_hash(rgb), perceptual_hash(copy_rgb)])
+        assert hamming_to_all(original_hash, np.array([copy_hash]))[0] <= NEAR_DUPLICATE_BITS
         copies.append(_row(buffer.getvalue(), path.parent.name, "lab-b", copy_rgb))
     assigned, grown = assign_splits(pd.DataFrame(copies).assign(group=None), ledger)
     assert set(assigned["split"]) == {"val"}
@@ -86,10 +97,8 @@ def test_reencoded_and_resized_copies_inherit_their_originals_split(taleqani: li
 
 def test_distinct_images_are_not_merged_but_consecutive_captures_are(taleqani: list[Path]) -> None:
     rows = rows_from(taleqani)
-    hashes = list(rows["phash"])
-    lonely = [
-        all(hamming(h, o) > NEAR_DUPLICATE_BITS for j, o in enumerate(hashes) if j != i) for i, h in enumerate(hashes)
-    ]
+    hashes = phash_ints(rows["phash"])
+    lonely = np.array([np.sort(hamming_to_all(h, hashes))[1] > NEAR_DUPLICATE_BITS for h in hashes])  # [0]: itself
     _, ledger = assign_splits(rows[lonely].assign(group=None), empty_ledger())
     assert len(ledger) > 150 and "near_duplicate" not in set(ledger["assigned_by"])
     assigned, _ = assign_splits(rows.assign(group=None), empty_ledger())
@@ -105,9 +114,12 @@ def test_a_patients_images_share_one_split(taleqani: list[Path]) -> None:
 
 def test_candidates_count_each_sha_once_and_drop_holdout_and_foreign_labels() -> None:
     rows = pd.DataFrame(
-        {"sha256": ["a", "a", "b", "c", "d"], "label": ["Pre", "Pre", "Early", "Pre", "lymphocyte"],
-         "source": ["lab-b", "lab-a", "lab-a", "lab-a", "lab-a"]}
-    )  # fmt: skip
+        {
+            "sha256": ["a", "a", "b", "c", "d"],
+            "label": ["Pre", "Pre", "Early", "Pre", "lymphocyte"],
+            "source": ["lab-b", "lab-a", "lab-a", "lab-a", "lab-a"],
+        }
+    )
     kept, excluded = training_candidates(rows, ("Benign", "Early", "Pre", "Pro"), {"c"})
     assert list(kept["sha256"]) == ["a", "b"] and excluded == 1
     assert kept.set_index("sha256").loc["a", "source"] == "lab-a"

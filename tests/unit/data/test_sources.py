@@ -27,9 +27,12 @@ def registry(tmp_path: Path) -> Settings:
 
 def a_source(**overrides) -> Source:
     fields = dict(
-        name="lab-a", location="/data/lab-a", layout="folders", tasks=("all_subtypes",),
+        name="lab-a",
+        location="/data/lab-a",
+        layout="folders",
+        tasks=("all_subtypes",),
         label_map={"benign": "Benign", "early": "Early"},
-    )  # fmt: skip
+    )
     return Source(**{**fields, **overrides})
 
 

@@ -11,15 +11,10 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.core.corners import corner_box
-from pipelines.trust.localization import box_mask
-from pipelines.devstack.synthetic import (
-    ARCHETYPES,
-    TASK_ARCHETYPES,
-    SyntheticError,
-    synth_sample,
-    write_synthetic,
-)
 from pipelines.core.taxonomy import TASKS
+from pipelines.devstack.smear_drawing import ARCHETYPES, SyntheticError
+from pipelines.devstack.synthetic import TASK_ARCHETYPES, synth_sample, write_synthetic
+from pipelines.trust.localization import box_mask
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -4,7 +4,6 @@ never from the network."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from pipelines.model.backbones import (
     BackboneError,
     WeightsError,
     create_backbone,
-    describe,
     efficientnet_lite0_package_file,
     load_encoder_weights,
-    rebuild,
 )
 
 # the smallest side at which each architecture's Grad-CAM layer still has a 2×2 (or finer) map
@@ -33,7 +30,7 @@ def _one_train_step(backbone, size: int) -> tuple[float, dict[str, torch.Tensor]
     torch.manual_seed(0)
     before = {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
     optimizer = torch.optim.AdamW(backbone.model.parameters(), lr=1e-3)
-    backbone.train()
+    backbone.model.train()
     images, labels = torch.randn(2, 3, size, size), torch.tensor([0, 2])
     loss = torch.nn.functional.cross_entropy(backbone.model(images), labels)
     optimizer.zero_grad()
@@ -65,20 +62,6 @@ def test_backbone_builds_trains_and_exposes_gradcam_and_embeddings(name: str) ->
     assert backbone.model.get_submodule(backbone.gradcam_layer_name) is backbone.gradcam_layer
     assert captured["out"].ndim == 4 and min(captured["out"].shape[-2:]) >= 2, captured["out"].shape
     assert features.shape == (2, backbone.model.encoder.num_features)
-
-
-@pytest.mark.parametrize("name", ["custom_cnn", "efficientnet_lite0"])
-def test_describe_is_json_and_rebuild_gives_the_same_architecture(name: str) -> None:
-    backbone = create_backbone(name, 4, image_size=96, drop_rate=0.2, head_hidden=64)
-    config = json.loads(json.dumps(describe(backbone)))
-    assert config["name"] == name and config["image_size"] == 96 and config["num_classes"] == 4
-    assert config["gradcam_layer_name"] == backbone.gradcam_layer_name
-    assert config["data_config"]["input_size"] == [3, 96, 96]
-
-    rebuilt = rebuild(config)
-    rebuilt.model.load_state_dict(backbone.model.state_dict())  # strict: same keys and shapes
-    assert rebuilt.pretrained == backbone.pretrained and rebuilt.head_hidden == 64
-    assert rebuilt.data_config["mean"] == backbone.data_config["mean"]
 
 
 def test_custom_cnn_is_a_timm_model_with_a_fine_last_feature_map() -> None:
@@ -205,22 +188,14 @@ def test_two_stage_fine_tuning_switches() -> None:
     backbone = create_backbone("efficientnet_lite0", 3, image_size=64)
     backbone.freeze_encoder()
     trainable = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("head.") for n in trainable)
-    assert sum(p.numel() for p in backbone.head_parameters()) == sum(
-        p.numel() for n, p in backbone.model.named_parameters() if n in trainable
-    )
-    backbone.train()
-    assert not backbone.model.encoder.bn1.training and backbone.model.head.training
+    assert trainable == {n for n, _ in backbone.model.named_parameters() if n.startswith("head.")}
 
     assert backbone.unfreeze_last_blocks(1) > 0
     trainable = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
     assert "encoder.blocks.6.0.conv_pw.weight" in trainable and "encoder.bn2.weight" in trainable
     assert "encoder.blocks.4.0.conv_pw.weight" not in trainable and "encoder.conv_stem.weight" not in trainable
-    groups = backbone.param_groups(head_lr=1e-3, encoder_lr=1e-4)
-    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
-    assert sum(len(g["params"]) for g in groups) == len(trainable)
 
-    backbone.unfreeze_last_blocks(len(backbone.feature_stages()))
+    backbone.unfreeze_last_blocks(len(backbone.stage_modules))
     assert all(p.requires_grad for p in backbone.model.parameters())
 
 
@@ -233,5 +208,3 @@ def test_bad_requests_are_clear_errors() -> None:
         create_backbone("custom_cnn", 1)
     with pytest.raises(BackboneError, match="pretrained=False"):
         create_backbone("custom_cnn", 3, pretrained=False, weights_path="x.pth")
-    with pytest.raises(BackboneError, match="lacks 'name'"):
-        rebuild({"num_classes": 3})

@@ -1,4 +1,4 @@
-"""Evaluation metrics against sklearn and hand-computed values; McNemar on known tables; the adapter."""
+"""Evaluation metrics against sklearn and hand-computed values; the adapter."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from pipelines.model.evaluate import (
     EvaluationError,
-    confusion_matrix_png,
+    _bootstrap_macro_f1,
+    confusion_matrix_figure,
     evaluate_model,
     evaluate_predictions,
     expected_calibration_error,
-    mcnemar,
+    macro_f1,
 )
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
@@ -91,31 +92,28 @@ def test_absent_classes_are_listed_and_left_out_of_macro_f1() -> None:
     assert np.isnan(result.f1_ci_low)
 
 
-def test_mcnemar_on_known_tables() -> None:
-    truth = np.zeros(100, int)
-    # b = 10 (only A right), c = 2 (only B right): exact two-sided binomial p = 2·P(X ≤ 2 | 12, ½)
-    pred_a = np.r_[np.zeros(10), np.ones(2), np.zeros(88)].astype(int)
-    pred_b = np.r_[np.ones(10), np.zeros(2), np.zeros(88)].astype(int)
-    exact = mcnemar(truth, pred_a, pred_b)
-    assert (exact["b"], exact["c"], exact["method"]) == (10, 2, "exact")
-    assert exact["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 2**12)
-    # b = 30, c = 10: chi-square with continuity correction, (|30 - 10| - 1)² / 40 = 9.025
-    pred_a = np.r_[np.zeros(30), np.ones(10), np.zeros(60)].astype(int)
-    pred_b = np.r_[np.ones(30), np.zeros(10), np.zeros(60)].astype(int)
-    chi2 = mcnemar(truth, pred_a, pred_b)
-    assert (chi2["b"], chi2["c"], chi2["method"]) == (30, 10, "chi2")
-    assert chi2["statistic"] == pytest.approx(9.025)
-    assert chi2["p_value"] == pytest.approx(0.002663, abs=1e-5)
-    assert mcnemar(truth, truth, truth)["p_value"] == 1.0
-    with pytest.raises(EvaluationError, match="shapes differ"):
-        mcnemar(truth, truth[:5], truth)
+def test_macro_f1_averages_the_present_classes_or_the_given_ones() -> None:
+    truth, predicted = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 3])
+    assert macro_f1(truth, predicted) == pytest.approx(f1_score(truth, predicted, labels=[0, 1], average="macro"))
+    assert macro_f1(truth, predicted, labels=[0, 1, 2, 3]) == pytest.approx(
+        f1_score(truth, predicted, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+    )
 
 
-def test_confusion_matrix_png_is_an_image() -> None:
+def test_vectorised_bootstrap_scores_each_resample_like_macro_f1() -> None:
+    truth, proba = _noisy_predictions(40, seed=3)
+    predicted, present = proba.argmax(axis=1), np.ones(len(CLASSES), bool)
+    samples = np.random.default_rng(7).integers(0, len(truth), size=(50, len(truth)))
+    per_resample = [macro_f1(truth[i], predicted[i], labels=range(len(CLASSES))) for i in samples]
+    expected = tuple(np.percentile(per_resample, [2.5, 97.5]))
+    assert _bootstrap_macro_f1(truth, predicted, len(CLASSES), present, 50, seed=7) == pytest.approx(expected)
+
+
+def test_confusion_matrix_figure_renders() -> None:
     result = evaluate_predictions(*_noisy_predictions(50), CLASSES, bootstrap=0)
-    png = confusion_matrix_png(result)
-    assert png.startswith(b"\x89PNG")
-    assert Image.open(io.BytesIO(png)).size[0] > 200
+    buffer = io.BytesIO()
+    confusion_matrix_figure(result).savefig(buffer, format="png")
+    assert Image.open(io.BytesIO(buffer.getvalue())).size[0] > 200
 
 
 def test_bad_inputs_are_clear_errors() -> None:

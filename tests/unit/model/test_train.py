@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipelines.data.datasets import ImageFileDataset, limit_rows, make_loader
-from pipelines.model.train import Stage, TrainConfig, fine_tuning_stages, fit, run_key
+from pipelines.model.train import Stage, TrainConfig, default_criterion, fine_tuning_stages, fit, run_key
 
 CPU = torch.device("cpu")
 
@@ -27,10 +28,16 @@ def _colour_images(n: int, seed: int) -> TensorDataset:
 def _tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
 
 
 def _loaders(seed: int = 0):
@@ -224,3 +231,15 @@ def test_limit_rows_never_exceeds_the_budget_and_keeps_every_cell_when_it_can(bu
     assert len(kept) == budget
     if budget >= 12:
         assert kept.groupby(["split", "label"]).ngroups == 12
+
+
+def test_default_criterion_is_timms_cross_entropy_for_integer_or_mixed_soft_targets() -> None:
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    smoothed = default_criterion(0.1, mixer=None)
+    assert isinstance(smoothed, LabelSmoothingCrossEntropy)
+    expected = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert smoothed(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    soft = default_criterion(0.1, mixer=lambda images, targets: (images, targets))
+    assert isinstance(soft, SoftTargetCrossEntropy)
+    one_hot = nn.functional.one_hot(labels, 3).float()
+    assert soft(logits, one_hot).item() == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)

@@ -19,16 +19,17 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipelines.model.backbones import create_backbone
-from pipelines.data.imagefacts import FACT_COLUMNS
-from pipelines.model.preprocess import preprocessing_from
-from pipelines.core.settings import Settings
+from pipelines.core.settings import ServingSettings, Settings, SettingsError
 from pipelines.core.taxonomy import get_task
-from pipelines.io.tracking import LoadedModel, ModelBundle
+from pipelines.data.imagefacts import FACT_COLUMNS
+from pipelines.io.layout import request_log_part_key
+from pipelines.model.backbones import create_backbone
+from pipelines.model.bundle import LoadedModel, ModelBundle
+from pipelines.model.preprocess import preprocessing_from
 from serving.app import create_app
 from serving.explain import heatmap_on_input, roi_box
 from serving.model import BatchPredictor, ModelHolder, ModelVersion, ServedModel, forward
-from serving.requestlog import CONTRACT_COLUMNS, LoggedRequest, part_key, rows_by_date, to_row
+from serving.requestlog import CONTRACT_COLUMNS, LoggedRequest, rows_by_date, to_row
 
 TASK = "all_subtypes"
 TOKEN = "unit-test-token"
@@ -41,8 +42,8 @@ def tiny_model(seed: int, size: int = 64) -> LoadedModel:
     backbone = create_backbone("custom_cnn", len(classes), pretrained=False, image_size=size)
     preprocessing = preprocessing_from(backbone.data_config, mask_corner=True)
     bundle = ModelBundle.for_backbone(TASK, classes, backbone, preprocessing)
-    module = backbone.model.eval()
-    return LoadedModel(module, backbone, TASK, list(classes), preprocessing, f"run-{seed}", bundle)
+    backbone.model.eval()
+    return LoadedModel(backbone, bundle, f"run-{seed}")
 
 
 class AliasSource:
@@ -64,8 +65,8 @@ class AliasSource:
 
     def describe(self, version: str) -> ModelVersion:
         tags = {"gate.passed": "true", "gate.macro_f1": "0.91", "dataset_version": "ds1"}
-        return ModelVersion(self.name, version, ("champion",) if version == self.alias else (), tags,
-                            f"run-{version}")
+        aliases = ("champion",) if version == self.alias else ()
+        return ModelVersion(self.name, version, aliases, tags, f"run-{version}")
 
     def load(self, version: str) -> LoadedModel:
         self.loads += 1
@@ -82,10 +83,16 @@ def source() -> AliasSource:
     return src
 
 
+def with_serving(settings: Settings, **changes) -> Settings:
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update=changes)})
+
+
 @pytest.fixture(scope="module")
 def unit_settings() -> Settings:
-    return Settings(profile="test", s3_access_key="k", s3_secret_key="s", api_token=TOKEN, serve_task=TASK,
-                    max_upload_mb=0.5, max_pixels=2_000_000, reload_interval_s=3600, serve_batch_wait_ms=20)
+    serving = ServingSettings(
+        token=TOKEN, task=TASK, max_upload_mb=0.5, max_pixels=2_000_000, reload_interval_s=3600, batch_wait_ms=20
+    )
+    return Settings(profile="test", s3_access_key="k", s3_secret_key="s", serving=serving, _env_file=None)
 
 
 @pytest.fixture(scope="module")
@@ -239,14 +246,20 @@ def test_poller_picks_up_a_new_champion_without_restart(unit_settings, smear) ->
     src = AliasSource()
     src.models = {"1": tiny_model(1), "2": tiny_model(2)}
     src.alias = "1"
-    with TestClient(create_app(unit_settings.model_copy(update={"reload_interval_s": 0.05}), src,
-                               log_requests=False)) as client:
+    fast_polling = with_serving(unit_settings, reload_interval_s=0.05)
+    with TestClient(create_app(fast_polling, src, log_requests=False)) as client:
         src.alias = "2"
         for _ in range(100):
             if client.get("/readyz").json()["version"] == "2":
                 break
             threading.Event().wait(0.05)
         assert _post(client, *smear).json()["model"]["version"] == "2"
+
+
+def test_serving_refuses_to_start_without_its_token_naming_the_variable(unit_settings, source) -> None:
+    no_token = with_serving(unit_settings, token=None).model_copy(update={"profile": "prod"})
+    with pytest.raises(SettingsError, match="LEUKOPS_SERVING__TOKEN"):
+        create_app(no_token, source, log_requests=False)
 
 
 def test_no_champion_means_not_ready_and_503(unit_settings, smear) -> None:
@@ -279,7 +292,7 @@ def test_cors_is_off_by_default_and_on_for_listed_origins(unit_settings, source)
     preflight = {"Origin": "https://lab.example", "Access-Control-Request-Method": "POST"}
     with TestClient(create_app(unit_settings, source, log_requests=False)) as client:
         assert "access-control-allow-origin" not in client.options("/v1/predict", headers=preflight).headers
-    allowed = unit_settings.model_copy(update={"cors_origins": ["https://lab.example"]})
+    allowed = with_serving(unit_settings, cors_origins=["https://lab.example"])
     with TestClient(create_app(allowed, source, log_requests=False)) as client:
         response = client.options("/v1/predict", headers=preflight)
         assert response.headers["access-control-allow-origin"] == "https://lab.example"
@@ -311,4 +324,4 @@ def test_request_log_rows_follow_the_drift_contract() -> None:
     assert rows[0]["width"] == 48.0 and set(FACT_COLUMNS) <= set(rows[0])
     parts = rows_by_date(rows)
     assert list(parts) == ["2026-03-01", "2026-03-02"] and len(parts["2026-03-02"]) == 2
-    assert part_key("2026-03-02", "abc") == "serving/requests/date=2026-03-02/part-abc.parquet"
+    assert request_log_part_key("2026-03-02", "abc") == "serving/requests/date=2026-03-02/part-abc.parquet"

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipelines.trust.gate import CandidateMetrics, GateInputError, decide
 from pipelines.core.settings import GateThresholds
+from pipelines.trust.gate import CandidateMetrics, GateInputError, decide
 
 CLASSES = ("hem", "all")
 THRESHOLDS = GateThresholds(

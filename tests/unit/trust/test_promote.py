@@ -1,51 +1,14 @@
-"""Pure pieces of promotion: metrics mapping, alias-move order, version tags, model card."""
+"""Pure pieces of promotion: metrics mapping, alias-move order, version tags."""
 
 from dataclasses import replace
 
 import pytest
 
-from pipelines.trust.gate import decide
-from pipelines.trust.promote import (
-    PromotionError,
-    candidate_metrics,
-    gate_moves,
-    known_limitations,
-    promotion_moves,
-    render_model_card,
-    version_tags,
-)
-from pipelines.io.registry import RunRecord
 from pipelines.core.settings import GateThresholds
+from pipelines.trust.gate import decide
+from pipelines.trust.promote import PromotionError, candidate_metrics, gate_moves, promotion_moves, version_tags
 
-METRICS = {
-    "val_macro_f1": 0.84,
-    "test_macro_f1": 0.85,
-    "test_accuracy": 0.86,
-    "test_f1_ci_low": 0.80,
-    "test_f1_ci_high": 0.90,
-    "test_recall_ALL": 0.90,
-    "test_recall_Healthy": 0.80,
-    "gradcam_nucleus_enrichment": 2.0,
-    "gradcam_artefact_mass": 0.04,
-    "shortcut_flip_rate": 0.01,
-    "test_ece": 0.05,
-}
-TAGS = {
-    "task": "binary_all",
-    "dataset_version": "ds1",
-    "backbone": "custom_cnn",
-    "pretrained": "false",
-    "augment": "paper",
-}
-COUNTS = {
-    "train": {"ALL": 300, "Healthy": 60},
-    "val": {"ALL": 30, "Healthy": 8},
-    "test": {"ALL": 30, "Healthy": 8},
-}
-
-
-def run(metrics=METRICS, tags=TAGS) -> RunRecord:
-    return RunRecord("run1", "1", "s3://bucket/1/run1/artifacts", dict(metrics), {"lr": "0.001"}, dict(tags))
+from .training_run import METRICS, run
 
 
 def test_candidate_metrics_follow_the_tracking_contract_names():
@@ -80,47 +43,6 @@ def test_version_tags_carry_key_results_and_report_link():
     assert tags["gate.macro_f1"] == "0.8500" and tags["gate.shortcut_flip_rate"] == "0.0100"
     assert tags["gate.champion_version"] == ""
     assert all(isinstance(v, str) for v in tags.values())
-
-
-def test_limitations_name_random_init_imbalance_and_a_small_test_split():
-    decision = decide(candidate_metrics(run()), None, GateThresholds())
-    notes = " ".join(known_limitations(run(), COUNTS, decision))
-    assert "pretrained=false" in notes and "largest/smallest = 5.0" in notes and "38 images" in notes
-    balanced = {s: {"ALL": 500, "Healthy": 500} for s in ("train", "val", "test")}
-    pretrained = run(tags={**TAGS, "pretrained": "true"})
-    assert known_limitations(pretrained, balanced, decision) == [
-        "Evaluated on images from the listed sources only; other labs, stains and scanners are untested."
-    ]
-
-
-def test_model_card_has_every_section():
-    decision = decide(candidate_metrics(run()), None, GateThresholds())
-    card = render_model_card(
-        run(),
-        "leukops-binary_all",
-        "7",
-        decision,
-        decision.to_markdown(),
-        {"counts": COUNTS, "sources": {"all_taleqani": 436}},
-        ["explain/gradcam_grid.png"],
-    )
-    assert card.startswith("# Model card: leukops-binary_all v7")
-    for needle in (
-        "`binary_all`: `ALL`, `Healthy`",
-        "| train | 300 | 60 | 360 |",
-        "`all_taleqani` (436)",
-        "backbone: `custom_cnn`, pretrained: `false`, augmentation: `paper`",
-        "macro-F1: 0.850 (95% CI 0.800–0.900)",
-        "ECE 0.050",
-        "| ALL | — | 0.900 | — |",
-        "![explain/gradcam_grid.png](explain/gradcam_grid.png)",
-        "### Promotion gate: PASSED",
-        "## Known limitations",
-    ):
-        assert needle in card, needle
-    unreadable = render_model_card(run(), "m", "1", decision, "", {"error": "no snapshot 'ds1'"}, [])
-    assert "split counts unavailable: no snapshot 'ds1'" in unreadable
-    assert "No explanation images were logged" in unreadable
 
 
 def test_gate_moves_follow_the_decision():

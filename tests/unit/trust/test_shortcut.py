@@ -133,7 +133,7 @@ def _confounded(images: list[np.ndarray], labels: np.ndarray, seed: int) -> tupl
     Like a scanner label confounded with the class in a real collection: the corner predicts the
     class perfectly, the cells only mostly, so the model has every reason to read the corner.
     """
-    from pipelines.devstack.synthetic import paint_corner_mark
+    from pipelines.devstack.smear_drawing import paint_corner_mark
 
     rng = np.random.default_rng(seed)
     relabelled = labels.copy()
@@ -174,8 +174,9 @@ def _train(train: tuple, val: tuple):
 @pytest.fixture(scope="module")
 def detector_runs() -> dict[str, dict]:
     """Per variant (shortcut / control): the trained model's shortcut report, accuracy, corner mass."""
-    from pipelines.trust.explain import classifier_fn, gradcam
     from pipelines.model.preprocess import to_tensor_batch
+    from pipelines.trust.gradcam import gradcam
+    from pipelines.trust.lime_explainer import classifier_fn
 
     train, val, test = _smears(0, 20), _smears(500, 4), _smears(1000, 12)
     splits = {

@@ -1,27 +1,20 @@
-"""Ingest's pure steps and the GX suite on manifest frames (no S3: see tests/integration/test_ingest.py)."""
+"""The GX suite on manifest frames: accepted / rejected rows with reasons, quarantined batches, Data Docs
+(no S3: see tests/integration/data)."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.data.ingest import (
-    HashedFile,
-    examine,
-    first_occurrences,
-    label_conflict,
-    make_batch_id,
-    manifest_frame,
-    safe_ext,
-)
 from pipelines.core.settings import Settings
-from pipelines.data.sources import SourceFile
-from pipelines.io.storage import sha256_hex
+from pipelines.data.manifests import manifest_frame
+from pipelines.data.plan import safe_ext
+from pipelines.data.scan import examine
 from pipelines.data.validation import SuiteError, load_suite, validate_manifest
+from pipelines.io.storage import sha256_hex
 
 REPO = Path(__file__).resolve().parents[3]
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -38,49 +31,18 @@ def smears(shared_data: Path) -> list[bytes]:
 
 
 def record(row: int, path: str, data: bytes | None, label: str | None = "Pre", **extra) -> dict:
-    sha = sha256_hex(data) if data is not None else None
-    base = {"row": row, "source": "lab", "batch_id": "b1", "role": "train", "path": path,
-            "source_label": label, "label": label, "sha256": sha, "ext": safe_ext(path)}  # fmt: skip
+    base = {
+        "row": row,
+        "source": "lab",
+        "batch_id": "b1",
+        "role": "train",
+        "path": path,
+        "source_label": label,
+        "label": label,
+        "sha256": sha256_hex(data) if data is not None else None,
+        "ext": safe_ext(path),
+    }
     return {**base, **(examine(data) if data is not None else {}), **extra}
-
-
-def test_batch_id_depends_on_shas_not_order_and_on_versions() -> None:
-    one = make_batch_id("lab", ["b", "a"], "map1", "1.0.0")
-    assert one == make_batch_id("lab", ["a", "b"], "map1", "1.0.0")
-    assert one != make_batch_id("lab", ["a", "b"], "map2", "1.0.0")
-    assert one != make_batch_id("lab", ["a", "b"], "map1", "1.1.0")
-    assert one != make_batch_id("lab2", ["a", "b"], "map1", "1.0.0")
-    assert one != make_batch_id("lab", ["a"], "map1", "1.0.0")
-
-
-def test_examine_measures_a_real_smear(smears: list[bytes]) -> None:
-    facts = examine(smears[0])
-    assert facts["format"] == "JPEG" and len(facts["phash"]) == 16
-    assert facts["width"] == 224 and facts["channels"] == 3
-    assert 100 < facts["brightness"] < 250 and facts["blur_var"] > 2
-
-
-def test_examine_classifies_bad_bytes(bad_inputs: dict[str, bytes]) -> None:
-    reasons = {name: examine(data).get("decode_error") for name, data in bad_inputs.items()}
-    assert reasons["empty.jpg"] == "empty"
-    assert reasons["notes.jpg"] == "not_an_image"
-    assert reasons["truncated.jpg"] == "truncated"
-    assert reasons["corrupt.jpg"] in {"corrupt", "truncated"}
-    assert reasons["bomb.png"] == "too_many_pixels"
-    assert reasons["grey.png"] is None and reasons["rgba.png"] is None
-
-
-def test_first_occurrence_is_the_first_row_even_when_paths_repeat() -> None:
-    pairs = [("a.jpg", "s1"), ("a.jpg", "s1"), ("b.jpg", "s1"), ("c.jpg", "s2"), ("../x.jpg", None)]
-    files = [HashedFile(SourceFile(p, "Pre"), sha) for p, sha in pairs]
-    assert first_occurrences(files) == {"s1": (0, "a.jpg"), "s2": (3, "c.jpg")}
-
-
-def test_label_conflict_names_both_labels() -> None:
-    assert label_conflict("Pre", {"label": "Pre", "source": "other"}) is None
-    assert label_conflict("Pre", {"label": "Early", "source": "other"}) == (
-        "labelled 'Pre' here but 'Early' in source 'other'"
-    )
 
 
 def test_good_rows_are_accepted_and_each_bad_row_gets_its_reason(suite, smears, bad_inputs) -> None:
@@ -106,11 +68,17 @@ def test_good_rows_are_accepted_and_each_bad_row_gets_its_reason(suite, smears, 
     judged = validation.frame.set_index("path")
     assert (judged.loc[[r["path"] for r in rows], "status"] == "accepted").all()
     expected = {
-        "Pre/empty.jpg": "empty", "Pre/notes.jpg": "not_an_image", "Pre/truncated.jpg": "truncated",
-        "Pre/bomb.png": "too_many_pixels", "Pre/grey.png": "not_rgb", "Pre/rgba.png": "not_rgb",
-        "Weird/x.jpg": "unknown_label", "Pre/copy.jpg": "duplicate", "Pre/conflict.jpg": "label_conflict",
+        "Pre/empty.jpg": "empty",
+        "Pre/notes.jpg": "not_an_image",
+        "Pre/truncated.jpg": "truncated",
+        "Pre/bomb.png": "too_many_pixels",
+        "Pre/grey.png": "not_rgb",
+        "Pre/rgba.png": "not_rgb",
+        "Weird/x.jpg": "unknown_label",
+        "Pre/copy.jpg": "duplicate",
+        "Pre/conflict.jpg": "label_conflict",
         "../outside.jpg": "path_traversal",
-    }  # fmt: skip
+    }
     for path, reason in expected.items():
         assert (judged.loc[path, "status"], judged.loc[path, "reason"]) == ("rejected", reason), path
     assert judged.loc["Pre/corrupt.jpg", "status"] == "rejected"
@@ -168,9 +136,3 @@ def test_invalid_expectation_in_suite_is_refused(tmp_path: Path) -> None:
     broken = load_suite(Settings(profile="dev", suite_dir=tmp_path))
     with pytest.raises(SuiteError, match="invalid expectation"):
         validate_manifest(manifest_frame([]), broken, CLASSES)
-
-
-def test_manifest_frame_has_every_column_and_no_nan_text() -> None:
-    frame = manifest_frame([{"row": 0, "path": "a.jpg"}])
-    assert frame.loc[0, "label"] is None
-    assert pd.isna(frame.loc[0, "width"])

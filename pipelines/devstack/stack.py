@@ -1,0 +1,80 @@
+"""The embedded local stack: its services started, checked and stopped together.
+
+Every service runs as a background process owned by this state dir (``<state_dir>/stack``): pid files
+record what we started, so ``down`` stops only our processes, and each service's data persists across
+down/up. Ports come from the settings' endpoints. Services start in order (MLflow stores its artifacts
+in S3, so S3 first) and stop in reverse order; a new service is one more module with the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pipelines.core.settings import Settings
+from pipelines.devstack.mlflow_server import MlflowServer
+from pipelines.devstack.processes import ProcessDir, StackError, busy_ports
+from pipelines.devstack.seaweedfs import SeaweedFS
+
+STOP_TIMEOUT_S = 5.0
+
+
+class Service(Protocol):
+    name: str  # pid/log file name and key in ``status``
+    what: str  # the product, for messages
+    moved_by: str  # the setting that moves its ports
+    ready_timeout_s: float
+
+    def ports(self) -> dict[str, int]: ...
+    def prepare(self) -> None: ...  # data dirs and config files, before a start
+    def command(self) -> list[str]: ...
+    def env(self) -> dict[str, str]: ...
+    def ready(self) -> bool: ...  # start-up check (may create what the service must hold)
+    def status(self) -> dict[str, Any]: ...  # endpoint and health
+
+
+class LocalStack:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = (settings.state_dir / "stack").resolve()
+        self.processes = ProcessDir(self.root)
+        self.services: tuple[Service, ...] = (SeaweedFS(settings, self.root), MlflowServer(settings, self.root))
+
+    def pids(self) -> dict[str, int]:
+        return {s.name: pid for s in self.services if (pid := self.processes.pid(s.name)) is not None}
+
+    def status(self) -> dict[str, Any]:
+        services = {s.name: {**s.status(), "pid": self.processes.pid(s.name)} for s in self.services}
+        return {**services, "state_dir": str(self.root)}
+
+    def up(self) -> dict[str, Any]:
+        """Start what is not running yet, in order, each waited for before the next."""
+        for service in self.services:
+            if self.processes.pid(service.name) is None:
+                self._check_ports(service)
+                service.prepare()
+                self.processes.spawn(service.name, service.command(), service.env())
+            self.processes.wait_ready(service.name, service.ready, service.ready_timeout_s)
+        return self.status()
+
+    def _check_ports(self, service: Service) -> None:
+        busy = busy_ports(service.ports())
+        if busy:
+            listing = ", ".join(f"{name}={port}" for name, port in busy.items())
+            settings = " / ".join(s.moved_by for s in self.services)
+            raise StackError(
+                f"cannot start {service.what}: port(s) already in use ({listing}). Stop what holds them, or "
+                f"move the stack with {settings}"
+            )
+
+    def down(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int]:
+        """Stop the processes this state dir started (their whole process groups); return what was stopped.
+
+        SeaweedFS's filer waits 15 s for its streaming gRPC clients before it stops; writes already sit in
+        the page cache, so after a short grace the group is killed without losing acknowledged objects.
+        """
+        stopped = {}
+        for service in reversed(self.services):
+            pid = self.processes.stop(service.name, timeout_s)
+            if pid is not None:
+                stopped[service.name] = pid
+        return stopped

@@ -1,0 +1,193 @@
+"""The model bundle: the trained weights plus ONE metadata contract, and the classifier rebuilt from them.
+
+A bundle is a folder of two files, like a MONAI bundle's ``metadata.json`` next to its weights:
+``bundle.json`` (a serialised `ModelBundle`: task, classes, the backbone's architecture facts and the full
+preprocessing dict) and ``weights.pt`` (the state dict). `read_bundle` rebuilds the real timm module
+through `pipelines.model.backbones.create_backbone` (named layers intact for Grad-CAM), unlike MLflow 3's
+default pytorch ``pt2`` export, which loads back as a layer-less GraphModule.
+
+In MLflow the bundle travels inside a pyfunc model (`pipelines.model.pyfunc`) at the run's artifact path
+``layout.MODEL_ARTIFACT_PATH``; `load_model` fetches that through `pipelines.io.tracking` and reads it here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from pipelines.core.errors import LeukopsError
+from pipelines.core.settings import Settings, get_settings
+from pipelines.io import tracking
+from pipelines.model.backbones import DEFAULT_DROP_RATE, DEFAULT_HEAD_HIDDEN, Backbone, create_backbone
+from pipelines.model.preprocess import to_tensor_batch
+
+BUNDLE_FORMAT = 2
+BUNDLE_FILE = "bundle.json"
+WEIGHTS_FILE = "weights.pt"
+# mlflow.pyfunc.save_model copies the artifacts it is given (our two files) into this folder of the model
+BUNDLE_DIR_IN_MODEL = "artifacts"
+
+
+class BundleError(LeukopsError):
+    """A folder that is not a readable leukops bundle; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """What travels with the weights: enough to rebuild the module and preprocess exactly as in training."""
+
+    task: str
+    classes: list[str]
+    backbone: str
+    image_size: int
+    pretrained: bool  # how the trained weights started (ImageNet or random init), not the rebuilt init
+    preprocessing: dict[str, Any]  # pipelines.model.preprocess: ROI crop, corner mask, size, mean/std
+    gradcam_layer_name: str
+    head_hidden: int = DEFAULT_HEAD_HIDDEN
+    drop_rate: float = DEFAULT_DROP_RATE
+    weights_source: str = "random-init"  # where the initial weights came from (a file, a package, a cache)
+    timm_version: str = field(default_factory=lambda: timm.__version__)
+    format: int = BUNDLE_FORMAT
+
+    @classmethod
+    def for_backbone(cls, task: str, classes: Sequence[str], backbone: Backbone, preprocessing: dict) -> ModelBundle:
+        return cls(
+            task=task,
+            classes=list(classes),
+            backbone=backbone.name,
+            image_size=backbone.image_size,
+            pretrained=backbone.pretrained,
+            preprocessing=preprocessing,
+            gradcam_layer_name=backbone.gradcam_layer_name,
+            head_hidden=backbone.head_hidden,
+            drop_rate=backbone.drop_rate,
+            weights_source=backbone.weights_source,
+        )
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ModelBundle:
+        if raw.get("format") == 1:  # models logged before the contract was flattened: same facts, nested
+            raw = _upgrade_format_1(raw)
+        if raw.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"unsupported bundle format {raw.get('format')!r} (this leukops reads {BUNDLE_FORMAT})")
+        return cls(**raw)
+
+    def build(self) -> Backbone:
+        """The architecture, randomly initialised, through the one factory (the caller loads the weights)."""
+        backbone = create_backbone(
+            self.backbone,
+            len(self.classes),
+            pretrained=False,
+            image_size=self.image_size,
+            drop_rate=self.drop_rate,
+            head_hidden=self.head_hidden,
+        )
+        backbone.pretrained = self.pretrained
+        backbone.weights_source = self.weights_source
+        backbone.gradcam_layer_name = self.gradcam_layer_name
+        return backbone
+
+
+def _upgrade_format_1(raw: dict[str, Any]) -> dict[str, Any]:
+    config = raw.get("backbone_config") or {}
+    keep = ("head_hidden", "drop_rate", "weights_source", "timm_version")
+    flat = {k: v for k, v in raw.items() if k != "backbone_config"}
+    return flat | {k: config[k] for k in keep if k in config} | {"format": BUNDLE_FORMAT}
+
+
+@dataclass
+class LoadedModel:
+    """A trained classifier rebuilt from its bundle: the real timm module, in eval mode."""
+
+    backbone: Backbone
+    bundle: ModelBundle
+    run_id: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def module(self) -> nn.Module:
+        return self.backbone.model
+
+    @property
+    def task(self) -> str:
+        return self.bundle.task
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bundle.classes
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.bundle.preprocessing
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        return self.backbone.gradcam_layer
+
+    def batch(self, rgb_list: Sequence[np.ndarray]) -> torch.Tensor:
+        """The preprocessed input tensor (N×3×H×W) for these RGB uint8 images."""
+        return to_tensor_batch(list(rgb_list), self.preprocessing).to(self.device)
+
+    @torch.no_grad()
+    def predict_proba(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+        chunks = [
+            torch.softmax(self.module(self.batch(rgb_list[i : i + batch_size])).float(), dim=-1).cpu().numpy()
+            for i in range(0, len(rgb_list), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)), np.float32)
+
+    @torch.no_grad()
+    def embed(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+        chunks = [
+            self.backbone.embed(self.batch(rgb_list[i : i + batch_size])).float().cpu().numpy()
+            for i in range(0, len(rgb_list), batch_size)
+        ]
+        return np.concatenate(chunks)
+
+
+def save_bundle(bundle: ModelBundle, state_dict: dict[str, torch.Tensor], directory: Path) -> tuple[Path, Path]:
+    """Write the bundle's two files into ``directory`` (created); returns (metadata, weights) paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata, weights = directory / BUNDLE_FILE, directory / WEIGHTS_FILE
+    metadata.write_text(json.dumps(asdict(bundle), indent=2, sort_keys=True))
+    torch.save(state_dict, weights)
+    return metadata, weights
+
+
+def read_bundle(directory: Path, run_id: str | None = None, device: str | torch.device | None = None) -> LoadedModel:
+    """The classifier saved in ``directory`` by `save_bundle`, on ``device`` (CPU by default), in eval mode."""
+    metadata = directory / BUNDLE_FILE
+    try:
+        bundle = ModelBundle.from_json(json.loads(metadata.read_text()))
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, TypeError, BundleError) as err:
+        raise BundleError(f"{metadata}: not a readable leukops bundle ({err})") from err
+    backbone = bundle.build()
+    backbone.model.load_state_dict(state)
+    target = torch.device(device) if device else torch.device("cpu")
+    backbone.model.to(target).eval()
+    return LoadedModel(backbone, bundle, run_id, target)
+
+
+def load_model(
+    model_uri: str, device: str | torch.device | None = None, settings: Settings | None = None
+) -> LoadedModel:
+    """Load a canonical model by URI: a run's (``layout.run_model_uri``), a registered version or alias
+    (``layout.registered_version_uri``, ``layout.alias_uri``), or a local path.
+
+    The files are fetched from the MLflow server of ``settings`` into a temporary folder, read, and removed.
+    """
+    with tempfile.TemporaryDirectory(prefix="leukops-model-") as tmp:
+        local, run_id = tracking.download_model(settings or get_settings(), model_uri, Path(tmp))
+        if not (local / BUNDLE_DIR_IN_MODEL / BUNDLE_FILE).exists():
+            raise BundleError(f"{model_uri!r} is not a leukops model (no {BUNDLE_DIR_IN_MODEL}/{BUNDLE_FILE})")
+        return read_bundle(local / BUNDLE_DIR_IN_MODEL, run_id, device)
