@@ -45,8 +45,10 @@ stack-down: install
 stack-status: install
 	$(BIN)/leukops stack status
 
+# The stack, then Airflow's components on top (detached: `make stack-down` stops everything).
 airflow-up: install
-	$(BIN)/leukops airflow up
+	$(BIN)/leukops stack up
+	$(BIN)/leukops airflow up --detach
 
 clean:
 	-$(BIN)/leukops stack down

@@ -5,7 +5,8 @@ leukops models (custom_cnn, random init, 32 px) through ``pipelines.model.pyfunc
 
 1. baseline: ``mlflow.register_model`` + ``set_registered_model_alias(champion)`` per run (what a plain
    MLflow script does: no gate, no report, no safety);
-2. leukops: ``promote_run`` per run (read run, gate against the champion, gate report JSON + markdown,
+2. leukops: ``promote_run`` per run (read run, its logged per-image test predictions (scripted: the gate's
+   evidence artifact) and the champion's, gate on bootstrap/exact bounds, gate report JSON + markdown,
    model card, version tags, verified alias moves with restore-on-error, audit tags);
 3. rollback: ``rollback`` (two verified alias moves + audit) vs two bare ``set_registered_model_alias``.
 
@@ -32,11 +33,20 @@ from ingest import free_ports  # noqa: E402 - the benchmarks share one free-port
 
 from pipelines.core.settings import Settings  # noqa: E402
 from pipelines.devstack.stack import LocalStack  # noqa: E402
-from pipelines.io.layout import run_model_uri  # noqa: E402
+from pipelines.io.layout import gate_predictions_path, run_model_uri  # noqa: E402
 from pipelines.io.registry import Registry  # noqa: E402
+from pipelines.trust.gate import SplitPredictions  # noqa: E402
 from pipelines.trust.promote import promote_run, rollback  # noqa: E402
 
 TASK = "binary_all"
+
+
+def scripted_predictions(hits: int, per_class: int = 100) -> SplitPredictions:
+    """The gate's per-image evidence of one run: the first ``hits`` images of each class predicted right."""
+    classes = ("ALL", "Healthy")
+    labels = [c for c in classes for _ in range(per_class)]
+    predicted = [c if i % per_class < hits else classes[classes.index(c) - 1] for i, c in enumerate(labels)]
+    return SplitPredictions.from_labels(classes, [f"{i:064x}" for i in range(len(labels))], labels, predicted)
 
 
 def log_runs(settings: Settings, count: int) -> list[str]:
@@ -64,12 +74,16 @@ def log_runs(settings: Settings, count: int) -> list[str]:
             "test_f1_ci_high": f1 + 0.05,
             "gradcam_nucleus_enrichment": 2.0,
             "gradcam_artefact_mass": 0.05,
-            "shortcut_flip_rate": 0.01,
+            "gradcam_n_images": 32,
+            "shortcut_flip_rate": 0.0,
+            "shortcut_flips": 0,
+            "shortcut_n_images": 300,
         }
         tags = {"task": TASK, "dataset_version": "bench", "backbone": "custom_cnn", "pretrained": "false"}
         with TrainingTracker(settings, run_key=uuid.uuid4().hex, run_name=f"bench-{i}", tags=tags) as run:
             run.log_metrics(metrics)
             log_model(run, bundle, backbone.model.state_dict(), image)
+            run.log_text(scripted_predictions(round(f1 * 100)).to_json(), gate_predictions_path("bench"))
         run_ids.append(run.run_id)
     return run_ids
 

@@ -1,8 +1,17 @@
-"""Nightly retrain: snapshot -> train the backbone x augmentation grid on the GPU queue -> explain ->
-select by validation F1 -> gate + promote (+ model card).
+"""### leukops_nightly_retrain — snapshot, train the grid, explain, gate, promote
 
-Runs on its cron and whenever the drift DAG requests a retrain. Training is skipped when the snapshot
-equals the last attempted one, unless triggered with ``force`` and a ``reason``.
+snapshot → plan the backbone × augmentation grid → train each cell on the `gpu` queue and pool →
+explain it (Grad-CAM, LIME, shortcut test) → rank the survivors by validation macro-F1 and gate them
+in that order → the first that passes becomes `@champion` (registry aliases, gate report, model card).
+
+- **Triggers**: its cron (`retrain.schedule`), a drift run's `leukops_retrain_request` asset event, or
+  a run from the UI / REST API. Training is skipped when the snapshot equals the last attempted one,
+  unless `force` is set with a `reason`.
+- **Params** (all optional; empty = `leukops.yaml` / `LEUKOPS_*`): the grid (`tasks`, `backbones`,
+  `augmentations`), training (`epochs`, `image_size`, `batch_size`, `max_images`, `time_budget_min`),
+  explanations (`explain_samples`, `explain_lime_images`) and every gate threshold (`macro_f1_min`,
+  `class_recall_min`, ...). They travel in the run's conf, so every worker of the run uses them.
+- **Failures**: one failed grid cell leaves the others to the gate; the run fails when every cell failed.
 """
 
 from __future__ import annotations
@@ -10,13 +19,25 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, TriggerRule, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from pipelines.core.settings import get_settings
 from pipelines.orchestration.assets import RETRAIN_REQUEST
+from pipelines.orchestration.notifiers import LeukopsAlertNotifier
+from pipelines.orchestration.params import retrain_params
 
 RETRAIN = get_settings().retrain
 GPU_POOL = "gpu"
+
+
+def _params_with_trigger_reason(context) -> dict:
+    """The run's params; an asset-triggered run without a reason takes the drift run's message as one."""
+    params = dict(context["params"])
+    messages = [e.extra.get("message") for e in context["dag_run"].consumed_asset_events or [] if e.extra]
+    if not params.get("reason") and any(messages):
+        params["reason"] = "; ".join(m for m in messages if m)
+    return params
 
 
 @dag(
@@ -27,45 +48,91 @@ GPU_POOL = "gpu"
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    params={
-        "force": Param(False, type="boolean", description="retrain even if the snapshot is unchanged"),
-        "reason": Param("", type="string", description="why (required with force; kept in the run's tags)"),
-    },
+    params=retrain_params(),
+    default_args={"on_failure_callback": [LeukopsAlertNotifier()]},
+    doc_md=__doc__,
     tags=["leukops", "training"],
 )
 def leukops_nightly_retrain():
-    @task(retries=3, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
+    @task(
+        retries=3,
+        retry_delay=timedelta(seconds=30),
+        retry_exponential_backoff=True,
+        execution_timeout=timedelta(minutes=30),
+    )
     def snapshot() -> list[dict]:
+        """Per task: the dataset version of the accepted, non-quarantined images (stable split ledger)."""
+        from pipelines.data.snapshot import SnapshotError
         from pipelines.orchestration.airflow_tasks import snapshot_tasks
 
-        return snapshot_tasks()
+        try:
+            return snapshot_tasks(get_current_context()["params"])
+        except SnapshotError as err:  # the data, not the storage: e.g. no accepted images yet; retries cannot help
+            raise AirflowFailException(str(err)) from err
 
-    @task
+    @task(execution_timeout=timedelta(minutes=10))
     def plan(snapshots: list[dict]) -> list[dict]:
+        """The grid cells to train: none for a task whose snapshot was already attempted (unless forced)."""
         from pipelines.orchestration.airflow_tasks import plan_candidates
 
         context = get_current_context()
-        return plan_candidates(snapshots, context["run_id"], **context["params"])
+        return plan_candidates(snapshots, context["run_id"], _params_with_trigger_reason(context))
 
-    @task(queue="gpu", pool=GPU_POOL, retries=1, retry_delay=timedelta(minutes=2))
+    # The execution timeout caps a cell well above its own time budget (params allow up to 180 min).
+    @task(
+        queue="gpu",
+        pool=GPU_POOL,
+        retries=1,
+        retry_delay=timedelta(minutes=2),
+        execution_timeout=timedelta(hours=4),
+        doc_md="One grid cell: train, evaluate on the test split, log the MLflow run (one log line per epoch).",
+    )
     def train(candidate: dict) -> dict:
-        from pipelines.orchestration.airflow_tasks import train
+        from pipelines.orchestration.airflow_tasks import InvalidCandidateError, train
 
-        return train(candidate)
+        try:
+            return train(candidate, get_current_context()["params"])
+        except InvalidCandidateError as err:  # a retry cannot fix a name off the allow-list
+            raise AirflowFailException(str(err)) from err
 
-    @task(retries=2, retry_delay=timedelta(seconds=30))
+    # all_done: a failed grid cell must not fail the whole (not yet expanded) explain step; its own
+    # explain instance fails on the missing result and the gate runs over the others.
+    @task(
+        retries=2,
+        retry_delay=timedelta(seconds=30),
+        execution_timeout=timedelta(hours=1),
+        trigger_rule=TriggerRule.ALL_DONE,
+        doc_md="Grad-CAM localization, LIME (a log line per image) and the shortcut test on a seeded test sample.",
+    )
     def explain(trained: dict) -> dict:
         from pipelines.orchestration.airflow_tasks import explain
 
-        return explain(trained)
+        return explain(trained, get_current_context()["params"])
 
-    @task(retries=2, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True)
-    def gate_and_promote(candidates: list[dict]) -> dict:
-        from pipelines.orchestration.airflow_tasks import gate_and_promote
+    # all_done_min_one_success: the gate waits for every cell and runs over the survivors; when every cell
+    # failed, the run fails (upstream_failed, or NoSurvivorError below when only plan succeeded).
+    @task(
+        retries=2,
+        retry_delay=timedelta(seconds=30),
+        retry_exponential_backoff=True,
+        execution_timeout=timedelta(hours=1),
+        trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
+    )
+    def gate_and_promote(planned: list[dict], explained: list[dict]) -> dict:
+        """Rank the surviving candidates by validation macro-F1, gate them in that order, promote the first
+        that passes; the gate report and model card go to the run's MLflow artifacts."""
+        from pipelines.orchestration.airflow_tasks import NoSurvivorError, gate_and_promote
 
-        return gate_and_promote(list(candidates), get_current_context()["run_id"])
+        if not planned:
+            raise AirflowSkipException("nothing was trained: every snapshot was already attempted")
+        context = get_current_context()
+        try:
+            return gate_and_promote(list(planned), list(explained), context["run_id"], context["params"])
+        except NoSurvivorError as err:
+            raise AirflowFailException(str(err)) from err
 
-    gate_and_promote(explain.expand(trained=train.expand(candidate=plan(snapshot()))))
+    planned = plan(snapshot())
+    gate_and_promote(planned, explain.expand(trained=train.expand(candidate=planned)))
 
 
 leukops_nightly_retrain()

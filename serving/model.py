@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipelines.core.errors import LeukopsError
+from pipelines.model.predict import predict
 
 if TYPE_CHECKING:
     from pipelines.core.settings import Settings
@@ -224,18 +225,15 @@ class Prediction:
 
 
 def forward(served: ServedModel, batch: torch.Tensor, with_embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Class probabilities and (optionally) pooled embeddings from ONE encoder pass.
+    """Class probabilities (the bundle's temperature and TTA) and optional pooled embeddings.
 
-    The embedding is the head's GAP output (what ``LoadedModel.embed`` returns), so taking it beside the
-    logits is free, where calling ``predict_proba`` and ``embed`` would run the encoder twice.
+    Through the one predict function (`pipelines.model.predict.predict`), which takes the embedding (the
+    head's GAP output, what ``LoadedModel.embed`` returns) from the same encoder pass as the logits.
     """
-    module = served.model.module
-    with served.lock, torch.inference_mode():
+    with served.lock:
         x = batch.to(served.model.device).contiguous(memory_format=torch.channels_last)
-        features = module.encoder.forward_features(x)
-        proba = torch.softmax(module.head(features).float(), dim=-1).cpu().numpy()
-        embedding = module.head.pool(features).float().cpu().numpy() if with_embeddings else None
-    return proba, embedding
+        out = predict(served.model.module, x, served.model.inference, with_embeddings=with_embeddings)
+    return out.proba, out.embedding
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real local stack (SeaweedFS S3 + MLflow server) per test session.
+"""Shared fixtures: one real local stack (SeaweedFS S3, Postgres, Redis, MLflow server) per test session.
 
 The session gets its own state dir and free ports, so it never touches a stack a developer already has
 running, and it stops only what it started. The LEUKOPS_* environment is set for the whole session so
@@ -18,6 +18,7 @@ import pytest
 
 from pipelines.core.settings import Settings, get_settings
 from pipelines.devstack.processes import port_is_free
+from pipelines.devstack.redis_server import redis_port
 from pipelines.devstack.seaweedfs import seaweed_ports
 from pipelines.devstack.stack import LocalStack
 from pipelines.io.storage import ObjectStore
@@ -27,20 +28,28 @@ SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
 
 
 def _free_port_block() -> tuple[int, int]:
-    """An S3 port whose SeaweedFS service ports are all free, and a free MLflow port."""
+    """An S3 port whose SeaweedFS and Redis ports are all free, and free MLflow and Airflow ports (+1)."""
     rng = random.Random()
     for _ in range(200):
         s3_port = rng.randrange(20000, 40000, 20)
         mlflow_port = s3_port + 17
-        ports = [*seaweed_ports(s3_port).values(), mlflow_port]
+        ports = [*seaweed_ports(s3_port).values(), redis_port(s3_port), mlflow_port, mlflow_port + 1]
         if all(port_is_free(p) for p in ports):
             return s3_port, mlflow_port
     raise RuntimeError("no free port block for the test stack")
 
 
+def searchable(path: Path) -> Path:
+    """Let other users enter ``path`` (not list it): the stack's Postgres runs as its own system user when
+    we are root, and pytest makes its temp dirs 0700."""
+    path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
 @pytest.fixture(scope="session")
 def session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    state_dir = tmp_path_factory.mktemp("leukops-state")
+    searchable(tmp_path_factory.getbasetemp())  # pytest recreates a given --basetemp as 0700
+    state_dir = searchable(tmp_path_factory.mktemp("leukops-state"))
     sources_dir = tmp_path_factory.mktemp("sources")
     s3_port, mlflow_port = _free_port_block()
     env = {
@@ -50,6 +59,7 @@ def session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         "LEUKOPS_S3_ENDPOINT": f"http://127.0.0.1:{s3_port}",
         "LEUKOPS_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "LEUKOPS_AIRFLOW_URL": f"http://127.0.0.1:{mlflow_port + 1}",
         "HF_HUB_OFFLINE": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
@@ -73,7 +83,7 @@ def settings(session_env: dict[str, str]) -> Settings:
 
 @pytest.fixture(scope="session")
 def stack(settings: Settings) -> Iterator[LocalStack]:
-    """The real local S3 + MLflow servers, started once per session and stopped at the end."""
+    """The real local S3, Postgres, Redis and MLflow servers, started once per session, stopped at the end."""
     local = LocalStack(settings)
     try:
         local.up()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One-shot Airflow init for compose/Kubernetes: migrate the metadata DB, create the `gpu` pool (a task on
-# a missing pool is never scheduled) and the connections the DAGs read (mapped onto leukops settings).
+# One-shot Airflow init, the same for compose/Kubernetes and the local stack (`leukops airflow up` runs this
+# file): migrate the metadata DB, create the `gpu` pool (a task on a missing pool is never scheduled) and the
+# connections the DAGs read (mapped onto leukops settings), then parse the DAGs and unpause the leukops ones
+# (DAGS_ARE_PAUSED_AT_CREATION is true: a paused DAG's REST-triggered runs would stay queued forever).
 # Idempotent: rerunning replaces the connections with the current values.
 set -euo pipefail
 airflow db migrate
@@ -21,4 +23,6 @@ for conn_id, conn in connections.items():
     subprocess.run(["airflow", "connections", "delete", conn_id], capture_output=True)
     subprocess.run(["airflow", "connections", "add", conn_id, "--conn-json", json.dumps(conn)], check=True)
 PY
+airflow dags reserialize
+airflow dags unpause --treat-dag-id-as-regex --yes '^leukops_'
 echo "leukops airflow init done"

@@ -18,7 +18,18 @@ from typing import Any
 
 from pipelines.core.errors import LeukopsError
 
-COMMAND_MODULES = ("stack", "orchestration", "images", "serve", "models", "data", "drift", "train", "explain")
+COMMAND_MODULES = (
+    "stack",
+    "orchestration",
+    "images",
+    "serve",
+    "models",
+    "data",
+    "drift",
+    "train",
+    "evaluate",
+    "explain",
+)
 
 
 @dataclass

@@ -21,7 +21,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--task", action="append", required=True, dest="tasks", help="task fed (repeatable)")
     add.add_argument("--role", choices=("train", "holdout"), default="train")
     add.add_argument("--label-map", nargs="*", default=None, metavar="SRC=CLASS", help="default: identity")
-    add.add_argument("--group-by", choices=("patient", "source"), default=None)
+    add.add_argument(
+        "--group-by",
+        default=None,
+        metavar="SPEC",
+        help="images that must share a split: 'patient' (csv patient_id), 'source', or 'regex:PATTERN' over the "
+        "file's relative path (the capture groups, joined by '/', are the group key); see --group-block",
+    )
+    add.add_argument(
+        "--group-block",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with regex: the named group (?P<key>\\d+) counts in blocks of N (key // N), e.g. for the ALL set "
+        "--group-by 'regex:^([^/]+)/.*?(?P<key>\\d+)\\.\\w+$' --group-block 20",
+    )
     add.add_argument("--licence", default="")
     add.add_argument("--notes", default="")
     add.add_argument("--replace", action="store_true", help="overwrite an existing definition")
@@ -81,11 +95,40 @@ def _source_add(args: argparse.Namespace) -> Output:
         role=args.role,
         csv=args.csv,
         group_by=args.group_by,
+        group_block=args.group_block,
         licence=args.licence,
         notes=args.notes,
     )
-    path = save_source(source, get_settings(), replace=args.replace)
-    return Output({"source": args.name, "file": str(path)}, f"registered source {args.name!r} in {path}")
+    settings = get_settings()
+    grouping = _grouping_preview(source, settings)
+    path = save_source(source, settings, replace=args.replace)
+    text = f"registered source {args.name!r} in {path}"
+    if grouping:
+        text += (
+            f"\n  grouping: {grouping['files']} files in {grouping['groups']} groups "
+            f"(largest {grouping['largest_group']!r}, {grouping['largest_group_files']} files)"
+        )
+    return Output({"source": args.name, "file": str(path), "grouping": grouping}, text)
+
+
+def _grouping_preview(source, settings) -> dict | None:
+    """A regex grouping of a local folder, tried on its files now; refused when a file matches no group."""
+    from pipelines.data.groups import preview
+    from pipelines.data.sources import SourceError, list_files, reader_for, source_path, validate_source
+
+    where = str(source_path(source.name, settings))
+    source = validate_source(source, where)
+    if not source.grouping.is_regex or source.is_s3:
+        return None
+    paths = [f.path for f in list_files(source, reader_for(source, settings)) if f.path_error is None]
+    found = preview(source.grouping, paths)
+    if found["unmatched"]:
+        raise SourceError(
+            f"{where}: group_by {source.group_by!r} gives no group to {found['unmatched']} of {found['files']} "
+            f"files in {source.location} (e.g. {', '.join(found['unmatched_examples'])}); such files would be split "
+            "one by one, so fix the pattern"
+        )
+    return found
 
 
 def _source_list(args: argparse.Namespace) -> Output:
@@ -103,6 +146,7 @@ def _source_list(args: argparse.Namespace) -> Output:
             "label_map": s.label_map,
             "label_map_version": s.label_map_version,
             "group_by": s.group_by,
+            "group_block": s.group_block,
         }
         for s in sources
     ]
@@ -164,5 +208,14 @@ def _snapshot(args: argparse.Namespace) -> Output:
     data = snapshot_summary(args.task, result)
     lines = [f"dataset {data['dataset_version']} of {args.task}: {data['images']} images"]
     lines += [f"  {split:<5} " + "  ".join(f"{c}={n}" for c, n in per.items()) for split, per in data["counts"].items()]
+    per_split = "  ".join(f"{s}={n}" for s, n in data["groups_per_split"].items())
+    lines.append(
+        f"  groups {data['n_groups']} (largest {data['largest_group_share']:.1%} of images; per split {per_split}); "
+        f"ledger version {data['ledger_version']}"
+    )
+    for source, change in data["regrouped_sources"].items():
+        lines.append(f"  grouping of {source!r} changed ({change['from']} → {change['to']}): splits re-drawn")
+    if data["champion_reevaluation_required"]:
+        lines.append("  new ledger version: the champion must be re-evaluated on this dataset before gating")
     lines += [f"  warning: {w}" for w in data["warnings"]]
     return Output(data, "\n".join(lines))

@@ -1,4 +1,4 @@
-"""`leukops airflow init|up|test`: Airflow on the embedded stack (sqlite metadata under the state dir)."""
+"""`leukops airflow init|up|token|test`: Airflow (CeleryExecutor) on the embedded stack's Postgres + Redis."""
 
 from __future__ import annotations
 
@@ -14,11 +14,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = airflow.add_subparsers(dest="action", required=True, metavar="ACTION")
     for parser in (
         add_command(actions, "init", "migrate the metadata DB and create the `gpu` pool", _init),
-        add_command(actions, "up", "airflow standalone (UI on http://localhost:8080) with these settings", _up),
+        add_command(
+            actions,
+            "up",
+            "api-server, scheduler, dag-processor, triggerer and the default + gpu Celery workers on the stack",
+            _up,
+        ),
         add_command(actions, "test", "run one DAG end to end with `airflow dags test`", _test),
     ):
         parser.add_argument("--dags-dir", type=Path, default=Path("dags"))
-    demo = add_command(sub, "demo", "the three DAGs end to end on the embedded stack, then a summary", _demo)
+    actions.choices["up"].add_argument(
+        "--detach", action="store_true", help="return once every component is healthy (stop: `leukops stack down`)"
+    )
+    add_command(actions, "token", "print a bearer token (JWT) for the local Airflow REST API", _token)
+    demo = add_command(sub, "demo", "the three DAGs under the local scheduler (REST API), then a summary", _demo)
     demo.add_argument("--task", default="all_subtypes")
     demo.add_argument("--data", type=Path, default=None, help="a real image folder (one sub-folder per label)")
     demo.add_argument("--per-class", type=int, default=40, help="synthetic images per class")
@@ -42,10 +51,27 @@ def _init(args: argparse.Namespace) -> Output:
 
 
 def _up(args: argparse.Namespace) -> Output:
-    from pipelines.devstack.airflow_local import standalone
+    import time
 
-    code = standalone(_settings(), args.dags_dir)
-    return Output({"exit_code": code}, f"airflow standalone exited with {code}", exit_code=code)
+    from pipelines.devstack.airflow_services import wait_forever
+    from pipelines.devstack.stack import LocalStack
+
+    airflow = LocalStack(_settings()).airflow
+    started = time.monotonic()
+    status = airflow.up(args.dags_dir)
+    text = f"Airflow {status['url']} healthy after {time.monotonic() - started:.0f}s (user admin)"
+    if not args.detach:
+        print(text + "; Ctrl-C stops it", flush=True)
+        wait_forever(airflow)
+        return Output({**status, "stopped": True}, "Airflow stopped")
+    return Output(status, text)
+
+
+def _token(args: argparse.Namespace) -> Output:
+    from pipelines.devstack.stack import LocalStack
+
+    token = LocalStack(_settings()).airflow.token()
+    return Output({"token": token}, token)
 
 
 def _test(args: argparse.Namespace) -> Output:
@@ -64,7 +90,7 @@ def _test(args: argparse.Namespace) -> Output:
 def _demo(args: argparse.Namespace) -> Output:
     import sys
 
-    from pipelines.devstack.demo import render_summary, run_demo
+    from pipelines.devstack.demo import render_summary, run_demo, succeeded
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -72,5 +98,4 @@ def _demo(args: argparse.Namespace) -> Output:
     summary = run_demo(
         _settings(), args.task, args.data, args.dags_dir, per_class=args.per_class, image_size=args.image_size, say=say
     )
-    failed = [dag for dag, run in summary["dag_runs"].items() if run["state"] != "success"]
-    return Output(summary, render_summary(summary), exit_code=1 if failed else 0)
+    return Output(summary, render_summary(summary), exit_code=0 if succeeded(summary) else 1)

@@ -1,4 +1,4 @@
-"""`leukops stack up|down|status`: the embedded local S3 + MLflow stack."""
+"""`leukops stack up|down|status`: the embedded local stack (S3, Postgres, Redis, MLflow; Airflow on top)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 
 from pipelines.cli import Output, add_command
 
+MARK = {True: "healthy", False: "DOWN"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    stack = sub.add_parser("stack", help="start, stop or inspect the embedded local S3 + MLflow stack")
+    stack = sub.add_parser("stack", help="start, stop or inspect the embedded local stack")
     actions = stack.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add_command(actions, "up", "start SeaweedFS S3 and the MLflow server; wait until both answer", _up)
-    add_command(actions, "down", "stop the processes this state dir started", _down)
-    add_command(actions, "status", "report whether S3 and MLflow answer", _status)
+    add_command(actions, "up", "start SeaweedFS S3, PostgreSQL, Redis and MLflow; wait until all answer", _up)
+    add_command(actions, "down", "stop every process this state dir started (Airflow's too)", _down)
+    add_command(actions, "status", "report whether each component answers", _status)
 
 
 def _stack():
@@ -23,12 +25,14 @@ def _stack():
 
 
 def _human(status: dict) -> str:
-    s3, mlflow = status["s3"], status["mlflow"]
-    mark = {True: "healthy", False: "DOWN"}
+    s3, pg, redis, mlflow, airflow = (status[k] for k in ("s3", "postgres", "redis", "mlflow", "airflow"))
     return (
-        f"S3      {s3['endpoint']}  {mark[s3['healthy']]}\n"
-        f"MLflow  {mlflow['uri']}  {mark[mlflow['healthy']]}  (UI: {mlflow['uri']})\n"
-        f"state   {status['state_dir']}"
+        f"S3        {s3['endpoint']}  {MARK[s3['healthy']]}\n"
+        f"Postgres  {pg['socket_dir']}  {MARK[pg['healthy']]}\n"
+        f"Redis     {redis['endpoint']}  {MARK[redis['healthy']]}\n"
+        f"MLflow    {mlflow['uri']}  {MARK[mlflow['healthy']]}  (UI: {mlflow['uri']})\n"
+        f"Airflow   {airflow['url']}  {MARK[airflow['healthy']]}\n"
+        f"state     {status['state_dir']}"
     )
 
 
@@ -45,6 +49,7 @@ def _down(args: argparse.Namespace) -> Output:
 
 
 def _status(args: argparse.Namespace) -> Output:
+    """Exit 0 when the storage stack answers (Airflow is optional on top; its health is reported)."""
     status = _stack().status()
-    healthy = status["s3"]["healthy"] and status["mlflow"]["healthy"]
+    healthy = all(status[k]["healthy"] for k in ("s3", "postgres", "redis", "mlflow"))
     return Output(status, _human(status), exit_code=0 if healthy else 1)

@@ -33,6 +33,9 @@ DEV_SECRETS = {  # every secret setting (a field path) and its dev-profile defau
     "s3_access_key": DEV_S3_ACCESS_KEY,
     "s3_secret_key": DEV_S3_SECRET_KEY,
     "serving.token": DEV_API_TOKEN,
+    "postgres_password": "leukops-dev-postgres",  # the local stack's metadata DB (Airflow + MLflow)
+    "redis_password": "leukops-dev-redis",  # the Celery broker
+    "airflow_admin_password": "admin",  # the simple auth manager's local admin user
 }
 
 
@@ -40,15 +43,52 @@ class SettingsError(LeukopsError):
     """A required setting is missing or invalid; the message names the variable to set."""
 
 
-class GateThresholds(BaseModel):
-    """Promotion gate thresholds (see pipelines.trust.gate). Override e.g. LEUKOPS_GATE__MACRO_F1_MIN=0.8."""
+class TaskFloors(BaseModel):
+    """One task's quality floors (None: the ``default`` entry's)."""
 
-    macro_f1_min: float = 0.70
-    class_recall_min: float = 0.50
-    non_inferiority_margin: float = 0.02
+    macro_f1_min: float | None = None
+    class_recall_min: float | None = None
+
+
+def _diagnostic_floors() -> dict[str, TaskFloors]:
+    return {
+        "default": TaskFloors(macro_f1_min=0.70, class_recall_min=0.50),
+        "all_subtypes": TaskFloors(macro_f1_min=0.90, class_recall_min=0.85),
+    }
+
+
+class GateThresholds(BaseModel):
+    """Promotion gate thresholds and the statistics they are judged with (see pipelines.trust.gate).
+
+    Floors are per task (``floors.<task>``, else ``floors.default``):
+    ``LEUKOPS_GATE__FLOORS__ALL_SUBTYPES__MACRO_F1_MIN=0.95`` changes one task's floor;
+    ``LEUKOPS_GATE__MACRO_F1_MIN`` / ``LEUKOPS_GATE__CLASS_RECALL_MIN``, when set, override the floor of every
+    task (a quick experiment, a demo). Every other key is global, e.g. ``LEUKOPS_GATE__MIN_CHECK_IMAGES=30``.
+    """
+
+    floors: dict[str, TaskFloors] = Field(default_factory=_diagnostic_floors)
+    macro_f1_min: float | None = None  # set: overrides floors.<task>.macro_f1_min of every task
+    class_recall_min: float | None = None  # set: overrides floors.<task>.class_recall_min of every task
+    non_inferiority_margin: float = 0.02  # macro-F1 the candidate may lose to @champion (paired lower bound)
     nucleus_enrichment_min: float = 1.2
-    shortcut_flip_rate_max: float = 0.10
+    shortcut_flip_rate_max: float = 0.10  # ceiling on the one-sided upper bound of the flip rate
     lime_agreement_min: float | None = None
+    holdout_macro_f1_min: float | None = None  # set: floor on every holdout source's macro-F1 lower bound
+    min_check_images: int = 30  # a check resting on fewer images is "insufficient evidence" and fails
+    confidence: float = 0.95  # one-sided confidence of every bound the gate judges
+    bootstrap_resamples: int = 2000  # paired bootstrap of the macro-F1 (difference), fixed seed
+    bootstrap_seed: int = 0
+    shortcut_images: int = 300  # test images the shortcut test intervenes on (fewer if the split is smaller)
+
+    def task_floors(self, task: str) -> tuple[float, float]:
+        """(macro-F1 floor, class-recall floor) of ``task``: the override, else its entry, else default."""
+        default = self.floors.get("default", TaskFloors())
+        own = self.floors.get(task, TaskFloors())
+        f1 = next(v for v in (self.macro_f1_min, own.macro_f1_min, default.macro_f1_min, 0.0) if v is not None)
+        recall = next(
+            v for v in (self.class_recall_min, own.class_recall_min, default.class_recall_min, 0.0) if v is not None
+        )
+        return f1, recall
 
 
 class DriftThresholds(BaseModel):
@@ -73,11 +113,25 @@ class RetrainConfig(BaseModel):
     tasks: list[str] = Field(default_factory=lambda: ["all_subtypes"])
     backbones: list[str] = Field(default_factory=lambda: ["efficientnet_lite0"])
     augmentations: list[str] = Field(default_factory=lambda: ["none"])
-    epochs: int = 5
     image_size: int = 128
     batch_size: int = 32
     max_images: int | None = None
-    time_budget_min: float | None = 60.0
+    # the training recipe (pipelines.model.train.TrainConfig has the same fields and defaults); `leukops
+    # train`, the nightly DAG and benchmarks/train.py all resolve from here (candidate.train_config)
+    epochs: int = 40  # the most epochs; the time budget usually plans fewer
+    time_budget_min: float | None = 10.0  # per candidate, training + validation wall time
+    lr: float = 1e-3  # AdamW peak LR (head; layer-wise decay below it for pretrained encoders)
+    head_epochs: int = 0  # pretrained: head-only epochs before full fine-tuning
+    layer_lr_floor: float = 0.1  # pretrained: LR scale of the encoder's first layer group (1 = uniform)
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_ratio: float = 0.05  # linear warm-up over this share of the planned steps, then cosine (per update)
+    min_lr_ratio: float = 0.01
+    ema_decay: float = 0.995  # timm ModelEmaV3 with warm-up; the EMA weights are validated and kept (0 = off)
+    class_balanced: bool = True  # class-weighted cross-entropy (sklearn "balanced")
+    patience: int = 10
+    seed: int = 0
+    tta: list[str] = Field(default_factory=list)  # evaluation views besides the identity: hflip, vflip
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1
@@ -132,6 +186,12 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = "http://127.0.0.1:15000"
     mlflow_experiment: str = "leukops"
     registered_model_prefix: str = "leukops"
+
+    airflow_url: str = "http://127.0.0.1:8080"  # the Airflow api-server (UI, REST API, execution API)
+    airflow_admin_user: str = "admin"
+    airflow_admin_password: SecretStr | None = None
+    postgres_password: SecretStr | None = None  # embedded stack: Postgres user `leukops`
+    redis_password: SecretStr | None = None  # embedded stack: Celery broker
 
     sources_dir: Path = Path("expectations/sources")
     suite_dir: Path = Path("expectations")

@@ -9,6 +9,7 @@ crash never leaves a half-written image that a later run would trust.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import random
 import tempfile
@@ -159,6 +160,8 @@ def make_loader(
     cuda = device.type == "cuda"
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else min(1, (os.cpu_count() or 1) - 1)
+    if multiprocessing.current_process().daemon:  # a Celery prefork child (Airflow's workers) may not fork
+        workers = 0
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

@@ -1,29 +1,44 @@
-"""Dataset snapshots per task, with a stable 80/10/10 split kept in a ledger.
+"""Dataset snapshots per task, with a stable 80/10/10 split kept in a ledger (``pipelines.data.ledger``).
 
 A snapshot is the accepted rows of published batches from ``train``-role sources feeding the task,
 one row per sha256 (an image brought by two sources counts once), minus every sha ever seen in a
 ``holdout`` source. Its version is a hash of the sorted (sha, label, split) triples, so the same data
 gives the same version.
 
-The split ledger (``layout.ledger_key``) maps sha → split and only ever grows: an image
-keeps its split forever. A new image inherits the split of its nearest near-duplicate (perceptual
-hash within ``NEAR_DUPLICATE_BITS``, so a re-encoded or slightly resized copy cannot leak from train
-into test), else of its group (patient or source, when the source sets ``group_by``), else a
-deterministic hash. Stratification is therefore approximate: per-class shares are reported and
-checked against a tolerance, and class imbalance is warned about.
+Each image gets the group its source's grouping gives it (``pipelines.data.groups``: patient, source
+or a pattern over the file path); a group never straddles splits. The ledger keeps an image's split
+forever within a ledger version; a changed grouping starts a new version (see ``ledger``), and the
+first snapshot on a new version says the champion must be re-evaluated. Stratification is
+approximate: per-class shares, the number of groups per split and the largest group's share are
+reported, shares are checked against a tolerance, and class imbalance is warned about.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.taxonomy import get_task
+from pipelines.data.groups import GroupSpec
 from pipelines.data.imagefacts import FACT_COLUMNS
+from pipelines.data.ledger import (
+    SPLIT_SHARES,
+    SPLITS,
+    active_rows,
+    adopt_groupings,
+    assign_splits,
+    current_version,
+    empty_ledger,
+    near_duplicates_across_splits,
+    regrouped_sources,
+    upgraded,
+    version_changes,
+)
+from pipelines.data.ledger import (
+    hash_split as hash_split,  # re-exported: benchmarks/train.py imports it from here
+)
 from pipelines.io import layout
 
 if TYPE_CHECKING:
@@ -33,14 +48,10 @@ if TYPE_CHECKING:
     from pipelines.data.sources import Source
     from pipelines.io.storage import ObjectStore
 
-SPLITS = ("train", "val", "test")
-SPLIT_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
-NEAR_DUPLICATE_BITS = 6  # pHash Hamming distance; unrelated smear fields measured ≥ 12 apart
 SHARE_TOLERANCE = 0.05
 MIN_CLASS_FOR_SHARES = 40  # below this a class's split shares are too noisy to check
 IMBALANCE_RATIO = 3.0
-LEDGER_COLUMNS = ("sha256", "split", "phash", "label", "group", "source", "assigned_by")
-SNAPSHOT_COLUMNS = ("sha256", "key", "label", "split", "source", "phash", "patient_id", *FACT_COLUMNS)
+SNAPSHOT_COLUMNS = ("sha256", "key", "label", "split", "source", "phash", "patient_id", "group", *FACT_COLUMNS)
 
 
 class SnapshotError(LeukopsError):
@@ -50,44 +61,26 @@ class SnapshotError(LeukopsError):
 @dataclass(frozen=True)
 class Snapshot:
     version: str
-    frame: pd.DataFrame  # SNAPSHOT_COLUMNS, one row per image
+    frame: pd.DataFrame  # SNAPSHOT_COLUMNS, one row per image (``group`` None: split on its own)
     counts: dict[str, dict[str, int]]  # split → class → n
 
 
 @dataclass(frozen=True)
 class SnapshotResult:
     snapshot: Snapshot
-    ledger: pd.DataFrame  # the grown ledger
+    ledger: pd.DataFrame  # the whole ledger: every version's rows, the newest version grown
     shares: dict[str, dict[str, float]]  # class → split → share
     warnings: list[str] = field(default_factory=list)
     excluded_holdout: int = 0
-    new_in_ledger: int = 0
+    new_in_ledger: int = 0  # rows this snapshot adds to the ledger (a new version: all of its rows)
+    ledger_changed: bool = False  # rows added, or groupings recorded on older rows: the ledger is rewritten
+    groups: dict[str, Any] = field(default_factory=dict)  # group_summary()
+    ledger_version: int = 1
+    regrouped: dict[str, dict[str, Any]] = field(default_factory=dict)  # source → {from, to} grouping
+    champion_reevaluation_required: bool = False  # set by take_snapshot: first snapshot of a new version
 
 
 # -- pure core ------------------------------------------------------------------------------------------
-
-
-def hash_split(key: str) -> str:
-    """Deterministic 80/10/10 split from a key (a sha or a group name)."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 80 else "val" if bucket < 90 else "test"
-
-
-def phash_ints(hashes) -> np.ndarray:
-    return np.array([int(h, 16) if isinstance(h, str) and h else 0 for h in hashes], dtype=np.uint64)
-
-
-def hamming_to_all(one: np.uint64, many: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(np.bitwise_xor(many, one)).astype(np.int64)
-
-
-def nearest_within(one: np.uint64, many: np.ndarray, max_bits: int) -> int | None:
-    """Index of the closest hash at most ``max_bits`` away (first on ties), or None."""
-    if many.size == 0:
-        return None
-    distances = hamming_to_all(one, many)
-    best = int(np.argmin(distances))
-    return best if distances[best] <= max_bits else None
 
 
 def training_candidates(rows: pd.DataFrame, classes: tuple[str, ...], holdout_shas: set[str]) -> tuple[Any, int]:
@@ -96,48 +89,6 @@ def training_candidates(rows: pd.DataFrame, classes: tuple[str, ...], holdout_sh
     rows = rows.drop_duplicates("sha256", keep="first")
     in_holdout = rows["sha256"].isin(holdout_shas)
     return rows[~in_holdout].reset_index(drop=True), int(in_holdout.sum())
-
-
-def assign_splits(candidates: pd.DataFrame, ledger: pd.DataFrame, max_bits: int = NEAR_DUPLICATE_BITS):
-    """(candidates with ``split``, grown ledger). Ledger entries never change; new ones are appended."""
-    import pandas as pd
-
-    known = dict(zip(ledger["sha256"], ledger["split"], strict=True))
-    group_split = dict(zip(ledger["group"], ledger["split"], strict=True))
-    group_split.pop(None, None)
-    fresh = candidates[~candidates["sha256"].isin(known)].sort_values("sha256")
-    hashes = np.concatenate([phash_ints(ledger["phash"]), np.zeros(len(fresh), dtype=np.uint64)])
-    filled = len(ledger)
-    splits = list(ledger["split"])
-    added = []
-    for row in fresh.itertuples():
-        one = phash_ints([row.phash])[0]
-        near = nearest_within(one, hashes[:filled], max_bits) if row.phash else None
-        if near is not None:
-            split, how = splits[near], "near_duplicate"
-        elif row.group and row.group in group_split:
-            split, how = group_split[row.group], "group"
-        else:
-            split, how = hash_split(row.group or row.sha256), "hash"
-        if row.group:
-            group_split.setdefault(row.group, split)
-        hashes[filled] = one
-        filled += 1
-        splits.append(split)
-        known[row.sha256] = split
-        added.append(
-            {
-                "sha256": row.sha256,
-                "split": split,
-                "phash": row.phash,
-                "label": row.label,
-                "group": row.group,
-                "source": row.source,
-                "assigned_by": how,
-            }
-        )
-    grown = pd.concat([ledger, pd.DataFrame(added, columns=list(LEDGER_COLUMNS))], ignore_index=True)
-    return candidates.assign(split=candidates["sha256"].map(known)), grown
 
 
 def split_counts(frame: pd.DataFrame, classes: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -180,18 +131,79 @@ def dataset_version(frame: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def with_groups(rows: pd.DataFrame, group_by: dict[str, str | None]) -> pd.DataFrame:
-    """Add ``group``: ``<source>:<patient_id>`` or ``<source>`` per the source's ``group_by``."""
+def with_groups(rows: pd.DataFrame, groupings: dict[str, GroupSpec]) -> pd.DataFrame:
+    """Add ``group`` (``<source>:<key>`` or None) and ``grouping`` (the source's spec) to each row."""
+    none = GroupSpec()
 
-    def group(row) -> str | None:
-        how = group_by.get(row.source)
-        if how == "source":
-            return str(row.source)
-        if how == "patient" and isinstance(row.patient_id, str) and row.patient_id:
-            return f"{row.source}:{row.patient_id}"
-        return None
+    def text(row, column: str) -> str | None:
+        value = getattr(row, column, None)
+        return value if isinstance(value, str) and value else None
 
-    return rows.assign(group=[group(r) for r in rows.itertuples()])
+    specs = [groupings.get(r.source, none) for r in rows.itertuples()]
+    groups = [
+        spec.key(str(r.source), text(r, "path"), text(r, "patient_id"))
+        for spec, r in zip(specs, rows.itertuples(), strict=True)
+    ]
+    return rows.assign(group=groups, grouping=[spec.spec for spec in specs])
+
+
+def group_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """Groups of a snapshot (an ungrouped image counts as a group of one): number, largest, per split."""
+    units = frame["group"].where(frame["group"].notna(), frame["sha256"])
+    sizes = units.value_counts()
+    named = frame["group"].dropna().value_counts()
+    largest = int(sizes.iloc[0]) if len(sizes) else 0
+    return {
+        "n_groups": int(len(sizes)),
+        "grouped_images": int(frame["group"].notna().sum()),
+        "largest_group": str(named.index[0]) if len(named) and named.iloc[0] == largest else None,
+        "largest_group_share": round(largest / len(frame), 4) if len(frame) else 0.0,
+        "groups_per_split": {s: int(units[frame["split"] == s].nunique()) for s in SPLITS},
+        "groups_straddling_splits": int((frame.assign(unit=units).groupby("unit")["split"].nunique() > 1).sum()),
+        "near_duplicate_pairs_across_splits": near_duplicates_across_splits(frame),
+    }
+
+
+def group_warnings(candidates: pd.DataFrame, groupings: dict[str, GroupSpec], groups: dict[str, Any]) -> list[str]:
+    warnings = []
+    for source, rows in candidates.groupby("source"):
+        spec = groupings.get(source)
+        missing = rows[rows["group"].isna()]
+        if spec is not None and spec.by is not None and len(missing):
+            example = missing["path"].iloc[0] if "path" in missing else missing["sha256"].iloc[0]
+            warnings.append(
+                f"{len(missing)} image(s) of source {source!r} have no group under group_by {spec.by!r} "
+                f"(e.g. {example!r}): each is split on its own"
+            )
+    if groups["groups_straddling_splits"]:
+        warnings.append(
+            f"{groups['groups_straddling_splits']} group(s) straddle splits (ledger rows assigned before the "
+            "group existed); change the source's grouping to start a new ledger version"
+        )
+    if groups["near_duplicate_pairs_across_splits"]:
+        warnings.append(
+            f"{groups['near_duplicate_pairs_across_splits']} near-duplicate image pair(s) lie in different splits"
+        )
+    return warnings
+
+
+def ledger_for(ledger: pd.DataFrame, groupings: dict[str, GroupSpec]) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(rows kept as they are, the version to grow, its number): a new version when a grouping changed.
+
+    The new version carries the other sources' rows unchanged and drops the regrouped sources' rows,
+    so their images are placed again under the new grouping; the old version's rows stay for audit.
+    """
+    import pandas as pd
+
+    ledger = upgraded(ledger)
+    version = current_version(ledger)
+    older = ledger[ledger["ledger_version"] < version]
+    active = adopt_groupings(active_rows(ledger), groupings)
+    regrouped = regrouped_sources(active, groupings)
+    if not regrouped:
+        return older, active, version
+    carried = active[~active["source"].isin(regrouped)].assign(ledger_version=version + 1)
+    return pd.concat([older, active], ignore_index=True), carried, version + 1
 
 
 def build_snapshot(
@@ -199,32 +211,42 @@ def build_snapshot(
     rows: pd.DataFrame,
     holdout_shas: set[str],
     ledger: pd.DataFrame,
-    group_by: dict[str, str | None],
+    groupings: dict[str, GroupSpec],
 ) -> SnapshotResult:
-    """The pure snapshot: candidates → splits (ledger) → counts, shares, warnings, version."""
+    """The pure snapshot: candidates → groups → splits (ledger version) → counts, shares, warnings, version."""
+    import pandas as pd
+
     classes = get_task(task).classes
     candidates, excluded = training_candidates(rows, classes, holdout_shas)
     if candidates.empty:
         raise SnapshotError(f"no accepted images of train-role sources feed task {task!r}; ingest a source first")
-    assigned, grown = assign_splits(with_groups(candidates, group_by), ledger)
+    candidates = with_groups(candidates, groupings)
+    kept, growing, version = ledger_for(ledger, groupings)
+    assigned, grown = assign_splits(candidates, growing, version=version)
+    whole = pd.concat([kept, grown], ignore_index=True)
     frame = assigned[list(SNAPSHOT_COLUMNS)].sort_values("sha256").reset_index(drop=True)
     counts = split_counts(frame, classes)
-    warnings = split_warnings(counts, classes)
+    groups = group_summary(frame)
+    warnings = split_warnings(counts, classes) + group_warnings(candidates, groupings, groups)
     if excluded:
         warnings.append(
             f"{excluded} image(s) of training sources were also seen in a holdout source and are excluded from training"
         )
-    snapshot = Snapshot(dataset_version(frame), frame, counts)
-    return SnapshotResult(snapshot, grown, class_shares(counts, classes), warnings, excluded, len(grown) - len(ledger))
+    return SnapshotResult(
+        Snapshot(dataset_version(frame), frame, counts),
+        whole,
+        class_shares(counts, classes),
+        warnings,
+        excluded,
+        new_in_ledger=len(whole) - len(upgraded(ledger)),
+        ledger_changed=not whole.reset_index(drop=True).equals(upgraded(ledger).reset_index(drop=True)),
+        groups=groups,
+        ledger_version=version,
+        regrouped=version_changes(whole),
+    )
 
 
 # -- S3 edge -----------------------------------------------------------------------------------------------
-
-
-def empty_ledger() -> pd.DataFrame:
-    import pandas as pd
-
-    return pd.DataFrame({c: pd.Series(dtype=object) for c in LEDGER_COLUMNS})
 
 
 def load_ledger(store: ObjectStore, task: str) -> pd.DataFrame:
@@ -251,9 +273,21 @@ def take_snapshot(store: ObjectStore, settings: Settings, task: str) -> Snapshot
     frames = [accepted_rows(store, s.name) for s in feeding]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "sha256", "source"])
     holdout = holdout_shas(all_manifests(store), {s.name for s in sources if s.role == "holdout"})
-    result = build_snapshot(task, rows, holdout, load_ledger(store, task), {s.name: s.group_by for s in sources})
+    result = build_snapshot(task, rows, holdout, load_ledger(store, task), {s.name: s.grouping for s in sources})
+    result = replace(result, champion_reevaluation_required=_new_ledger_version(store, task, result))
     _store(store, task, result, [s.name for s in feeding])
     return result
+
+
+def _new_ledger_version(store: ObjectStore, task: str, result: SnapshotResult) -> bool:
+    """True on the first snapshot of a new ledger version (and on its reruns: the stored summary keeps it)."""
+    summary_key = layout.dataset_summary_key(task, result.snapshot.version)
+    if store.exists(summary_key) and store.get_json(summary_key).get("champion_reevaluation_required"):
+        return True
+    pointer_key = layout.latest_dataset_pointer_key(task)
+    if not store.exists(pointer_key):
+        return False
+    return store.get_json(pointer_key).get("ledger_version", 1) != result.ledger_version
 
 
 def _store(store: ObjectStore, task: str, result: SnapshotResult, sources: list[str]) -> None:
@@ -263,9 +297,9 @@ def _store(store: ObjectStore, task: str, result: SnapshotResult, sources: list[
         store.put_parquet(dataset_key, result.snapshot.frame)
     summary = snapshot_summary(task, result) | {"sources": sources, "uri": store.uri(dataset_key)}
     store.put_json(layout.dataset_summary_key(task, version), summary)
-    if result.new_in_ledger:
+    if result.ledger_changed:
         store.put_parquet(layout.ledger_key(task), result.ledger)
-    pointer = {"version": version, "uri": store.uri(dataset_key)}
+    pointer = {"version": version, "uri": store.uri(dataset_key), "ledger_version": result.ledger_version}
     store.put_json(layout.latest_dataset_pointer_key(task), pointer)
 
 
@@ -279,6 +313,10 @@ def snapshot_summary(task: str, result: SnapshotResult) -> dict[str, Any]:
         "excluded_holdout": result.excluded_holdout,
         "images": len(result.snapshot.frame),
         "new_in_ledger": result.new_in_ledger,
+        **result.groups,
+        "ledger_version": result.ledger_version,
+        "regrouped_sources": result.regrouped,
+        "champion_reevaluation_required": result.champion_reevaluation_required,
     }
 
 

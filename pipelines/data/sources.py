@@ -27,6 +27,7 @@ import yaml
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.taxonomy import get_task
+from pipelines.data.groups import GroupSpec, GroupSpecError
 
 if TYPE_CHECKING:
     from pipelines.core.settings import Settings
@@ -36,7 +37,6 @@ Layout = Literal["folders", "csv"]
 Role = Literal["train", "holdout"]
 LAYOUTS = ("folders", "csv")
 ROLES = ("train", "holdout")
-GROUP_BY = ("patient", "source")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -53,7 +53,8 @@ class Source:
     tasks: tuple[str, ...]
     role: Role = "train"
     csv: str = "manifest.csv"  # csv layout: the manifest's path relative to the location
-    group_by: str | None = None  # keep a patient's (or the whole source's) images in one split
+    group_by: str | None = None  # patient | source | regex:<pattern>: a group's images share one split
+    group_block: int | None = None  # regex form: the named group `key`'s number // group_block
     licence: str = ""
     notes: str = ""
 
@@ -69,6 +70,10 @@ class Source:
         return tuple(dict.fromkeys(c for t in self.tasks for c in get_task(t).classes))
 
     @property
+    def grouping(self) -> GroupSpec:
+        return GroupSpec(self.group_by, self.group_block)
+
+    @property
     def is_s3(self) -> bool:
         return self.location.startswith("s3://")
 
@@ -77,6 +82,8 @@ class Source:
         data["tasks"] = list(self.tasks)
         if self.layout != "csv":
             data.pop("csv")
+        if self.group_block is None:
+            data.pop("group_block")
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -96,8 +103,10 @@ def validate_source(source: Source, where: str) -> Source:
         raise SourceError(f"{where}: layout {source.layout!r} is not one of {', '.join(LAYOUTS)}")
     if source.role not in ROLES:
         raise SourceError(f"{where}: role {source.role!r} is not one of {', '.join(ROLES)}")
-    if source.group_by not in (None, *GROUP_BY):
-        raise SourceError(f"{where}: group_by {source.group_by!r} is not one of {', '.join(GROUP_BY)} or empty")
+    try:
+        source.grouping  # noqa: B018 - builds (and so checks) the grouping
+    except GroupSpecError as err:
+        raise SourceError(f"{where}: {err}") from None
     if not source.tasks:
         raise SourceError(f"{where}: `tasks` is empty; name the task(s) this source feeds")
     classes = tuple(dict.fromkeys(c for t in source.tasks for c in _task_classes(t, where)))
@@ -168,8 +177,8 @@ def default_label_map(tasks: Iterable[str]) -> dict[str, str]:
 
 def save_source(source: Source, settings: Settings, *, replace: bool = False) -> Path:
     """Write ``<sources_dir>/<name>.yaml`` atomically (temp file + rename)."""
-    source = validate_source(source, f"source {source.name!r}")
     path = source_path(source.name, settings)
+    source = validate_source(source, str(path))
     if path.exists() and not replace:
         raise SourceError(f"{path} already exists; pass --replace to overwrite it (git keeps the history)")
     path.parent.mkdir(parents=True, exist_ok=True)

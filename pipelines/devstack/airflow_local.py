@@ -1,5 +1,6 @@
-"""Airflow on the embedded stack: its own AIRFLOW_HOME (sqlite) under the state dir, the `gpu` pool,
-the S3 and MLflow connections built from the settings, ``dags test`` runs and ``airflow standalone``.
+"""Airflow on the embedded stack: its own AIRFLOW_HOME under the state dir, metadata in the stack's
+Postgres, Celery broker in its Redis, the `gpu` pool, the S3 and MLflow connections built from the
+settings, and ``dags test`` runs (the long-running components are ``airflow_services``).
 
 Airflow always runs as a subprocess with this environment, so the same DAG files run here, in the
 tests and in compose (where the connections come from the init container instead). Outcomes are read
@@ -21,13 +22,16 @@ from typing import Any
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings
 from pipelines.devstack import airflow_rest
-from pipelines.devstack.processes import executable, venv_bin_dir
+from pipelines.devstack.postgres import Postgres
+from pipelines.devstack.processes import executable, port_of, venv_bin_dir
+from pipelines.devstack.redis_server import RedisServer
 
 S3_CONN_ID = "leukops_s3"
 MLFLOW_CONN_ID = "leukops_mlflow"
 GPU_POOL = "gpu"
 RUN_TIMEOUT_S = 1800
 QUERY_TIMEOUT_S = 300
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 
 
 class AirflowRunError(LeukopsError):
@@ -45,6 +49,71 @@ class DagRunResult:
 
 def airflow_home(settings: Settings) -> Path:
     return (settings.state_dir / "airflow").resolve()
+
+
+def stack_root(settings: Settings) -> Path:
+    return (settings.state_dir / "stack").resolve()
+
+
+def shared_secrets(settings: Settings) -> dict[str, str]:
+    """JWT secret, API secret key and Fernet key shared by every component of this AIRFLOW_HOME.
+
+    Generated once into a 0600 file: a component with another JWT secret rejects the others' tokens.
+    """
+    path = airflow_home(settings) / "leukops-secrets.json"
+    if not path.exists():
+        import secrets
+
+        from cryptography.fernet import Fernet
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values = {
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(values))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return json.loads(path.read_text())
+
+
+def admin_passwords_file(settings: Settings) -> Path:
+    """The simple auth manager's passwords file, pre-written so the local admin's password is the setting."""
+    path = airflow_home(settings) / "simple_auth_manager_passwords.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({settings.airflow_admin_user: settings.secret("airflow_admin_password")}))
+    path.chmod(0o600)
+    return path
+
+
+def metadata_env(settings: Settings) -> dict[str, str]:
+    """Where Airflow keeps its state and queues its tasks: the stack's Postgres and Redis (as in compose)."""
+    root = stack_root(settings)
+    postgres, redis = Postgres(settings, root), RedisServer(settings, root)
+    url = settings.airflow_url.rstrip("/")
+    return shared_secrets(settings) | {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.sqlalchemy_url("airflow"),
+        # Airflow derives asyncpg (not installed) for its async engine unless told: psycopg 3 does both
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": postgres.sqlalchemy_url("airflow", "postgresql+psycopg_async"),
+        "AIRFLOW__CELERY__RESULT_BACKEND": postgres.sqlalchemy_url("airflow", "db+postgresql+psycopg"),
+        "AIRFLOW__CELERY__BROKER_URL": redis.url(),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+        "AIRFLOW__API__BASE_URL": url,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port_of(url)),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",  # Celery's default (one child per core) is 16 on a server
+        # the execution API's 5 s default fails tasks whenever a shared laptop or CI runner is busy
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{settings.airflow_admin_user}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(admin_passwords_file(settings)),
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",  # its fixed port 8974 would clash between stacks
+        "LEUKOPS_AIRFLOW_URL": url,
+    }
 
 
 def connection_env(settings: Settings) -> dict[str, str]:
@@ -71,19 +140,20 @@ def airflow_env(settings: Settings, dags_dir: Path | None = None) -> dict[str, s
     home = airflow_home(settings)
     env = os.environ.copy()
     env.update(connection_env(settings))
+    env.update(metadata_env(settings))
     env.update(
         {
             "PATH": os.pathsep.join(filter(None, [str(venv_bin_dir()), env.get("PATH")])),
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # as in compose: the init step unpauses ours
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
             "LEUKOPS_STATE_DIR": str(settings.state_dir.resolve()),
             "LEUKOPS_PROFILE": settings.profile,
             "LEUKOPS_S3_ENDPOINT": settings.s3_endpoint,
             "LEUKOPS_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
             "LEUKOPS_SOURCES_DIR": str(settings.sources_dir.resolve()),
+            "LEUKOPS_SUITE_DIR": str(settings.suite_dir.resolve()),  # the components run in the stack dir
             "LEUKOPS_CONFIG_FILE": str(settings.config_file.resolve()),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")])),
         }
@@ -169,11 +239,16 @@ def _no_run_error(dag_id: str, log: Path) -> AirflowRunError:
 def task_states(settings: Settings, dag_id: str, run_id: str) -> dict[str, list[str]]:
     """task_id -> states of its instances (one per map index, in map-index order)."""
     rows = _airflow_json(settings, "tasks", "states-for-dag-run", dag_id, run_id)
-    rows.sort(key=lambda r: (r["task_id"], int(r.get("map_index") or -1)))
+    rows.sort(key=lambda r: (r["task_id"], _map_index(r.get("map_index"))))
     states: dict[str, list[str]] = {}
     for row in rows:
         states.setdefault(row["task_id"], []).append(row["state"])
     return states
+
+
+def _map_index(value: Any) -> int:
+    """The CLI prints an unmapped task's map index as "" (or None); 0 is a real index."""
+    return -1 if value in (None, "") else int(value)
 
 
 def _rest(settings: Settings, queries: list[dict[str, Any]]) -> list[Any]:
@@ -197,9 +272,3 @@ def task_return(settings: Settings, dag_id: str, run_id: str, task_id: str) -> l
 def asset_events(settings: Settings, asset_name: str, dag_id: str | None = None) -> list[dict]:
     """Events emitted for an asset (optionally by one DAG), oldest first, with their extra."""
     return _rest(settings, [{"query": "asset-events", "asset_name": asset_name, "dag_id": dag_id}])[0]
-
-
-def standalone(settings: Settings, dags_dir: Path) -> int:
-    """`airflow standalone` (api-server on :8080, scheduler, dag-processor, triggerer) on these settings."""
-    init(settings, dags_dir)
-    return subprocess.call([executable("airflow"), "standalone"], env=airflow_env(settings, dags_dir))

@@ -1,7 +1,8 @@
-"""The MLflow tracking server of the embedded stack: sqlite store, artifacts proxied into S3.
+"""The MLflow tracking server of the embedded stack: backend store in the stack's PostgreSQL (database
+``mlflow``, as in compose), artifacts proxied into S3.
 
-The store lives under ``<stack root>/mlflow`` and persists across down/up. The server alone holds the
-S3 keys: clients upload and download artifacts through it (proxied artifact access).
+The store persists across down/up with the Postgres cluster. The server alone holds the S3 keys:
+clients upload and download artifacts through it (proxied artifact access).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.settings import Settings
+from pipelines.devstack.postgres import Postgres
 from pipelines.devstack.processes import executable, port_of
 
 READY_TIMEOUT_S = 120.0
@@ -24,16 +26,16 @@ class MlflowServer:
     moved_by = "LEUKOPS_MLFLOW_TRACKING_URI"
     ready_timeout_s = READY_TIMEOUT_S
 
-    def __init__(self, settings: Settings, stack_root: Path) -> None:
+    def __init__(self, settings: Settings, stack_root: Path, postgres: Postgres) -> None:
         self.settings = settings
-        self.data_dir = stack_root / "mlflow"
+        self.postgres = postgres
         self.port = port_of(settings.mlflow_tracking_uri)
 
     def ports(self) -> dict[str, int]:
         return {"http": self.port}
 
     def prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        pass  # the store is Postgres's `mlflow` database, created when Postgres is ready
 
     def command(self) -> list[str]:
         return [
@@ -46,7 +48,7 @@ class MlflowServer:
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{self.data_dir / 'mlflow.db'}",
+            self.postgres.sqlalchemy_url("mlflow"),
             "--artifacts-destination",
             f"s3://{self.settings.artifacts_bucket}/",
         ]

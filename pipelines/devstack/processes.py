@@ -1,8 +1,9 @@
 """Background processes of the embedded stack: ports, executables, pid files, readiness, stopping.
 
 Each service runs in its own process group, started under one stack root with its pid recorded in
-``<root>/pids/<name>.pid`` and its output in ``<root>/logs/<name>.log``. A recorded pid counts as ours
-only while that process's command line names the root, so a reused pid is never signalled.
+``<root>/pids/<name>.pid`` (with the process's start time) and its output in ``<root>/logs/<name>.log``.
+A recorded pid counts as ours only while a process with that pid and that start time is alive, so a
+reused pid is never signalled (process titles are no guide: Celery, Redis and Postgres rewrite theirs).
 """
 
 from __future__ import annotations
@@ -80,12 +81,9 @@ class ProcessDir:
         pidfile = self.pidfile(name)
         if not pidfile.exists():
             return None
-        pid = int(pidfile.read_text().strip())
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return None
-        return pid if str(self.root) in cmdline else None
+        pid, _, started = pidfile.read_text().strip().partition(" ")
+        alive = _state_and_start_time(int(pid))
+        return int(pid) if alive and alive[0] != "Z" and alive[1] == started else None
 
     def spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         for sub in ("pids", "logs"):
@@ -100,7 +98,7 @@ class ProcessDir:
                 cwd=self.root,
                 start_new_session=True,
             )
-        self.pidfile(name).write_text(str(process.pid))
+        self.pidfile(name).write_text(f"{process.pid} {_state_and_start_time(process.pid)[1]}")
         self._started[name] = process
 
     def wait_ready(self, name: str, ready: Callable[[], bool], timeout_s: float) -> None:
@@ -129,6 +127,15 @@ class ProcessDir:
             self._started.pop(name).wait(timeout=5)  # reap our own child so no zombie is left
         self.pidfile(name).unlink(missing_ok=True)
         return pid
+
+
+def _state_and_start_time(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) from /proc/<pid>/stat; None when there is no such pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
 
 
 def terminate_group(pid: int, timeout_s: float) -> None:

@@ -3,7 +3,9 @@
 Every service runs as a background process owned by this state dir (``<state_dir>/stack``): pid files
 record what we started, so ``down`` stops only our processes, and each service's data persists across
 down/up. Ports come from the settings' endpoints. Services start in order (MLflow stores its artifacts
-in S3, so S3 first) and stop in reverse order; a new service is one more module with the same shape.
+in S3 and its runs in Postgres, so those first) and stop in reverse order; a new service is one more
+module with the same shape. Airflow's components (``airflow_services``) start on top with
+``leukops airflow up``; ``down`` stops them first, with the rest.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from pipelines.core.settings import Settings
+from pipelines.devstack.airflow_services import AirflowServices
 from pipelines.devstack.mlflow_server import MlflowServer
+from pipelines.devstack.postgres import Postgres
 from pipelines.devstack.processes import ProcessDir, StackError, busy_ports
+from pipelines.devstack.redis_server import RedisServer
 from pipelines.devstack.seaweedfs import SeaweedFS
 
 STOP_TIMEOUT_S = 5.0
@@ -37,14 +42,24 @@ class LocalStack:
         self.settings = settings
         self.root = (settings.state_dir / "stack").resolve()
         self.processes = ProcessDir(self.root)
-        self.services: tuple[Service, ...] = (SeaweedFS(settings, self.root), MlflowServer(settings, self.root))
+        self.postgres = Postgres(settings, self.root)
+        self.redis = RedisServer(settings, self.root)
+        self.services: tuple[Service, ...] = (
+            SeaweedFS(settings, self.root),
+            self.postgres,
+            self.redis,
+            MlflowServer(settings, self.root, self.postgres),
+        )
+        self.airflow = AirflowServices(settings, self.processes, self.postgres, self.redis)
 
     def pids(self) -> dict[str, int]:
-        return {s.name: pid for s in self.services if (pid := self.processes.pid(s.name)) is not None}
+        """Every process of this state dir that is running: the services, then Airflow's components."""
+        services = {s.name: pid for s in self.services if (pid := self.processes.pid(s.name)) is not None}
+        return services | self.airflow.pids()
 
     def status(self) -> dict[str, Any]:
         services = {s.name: {**s.status(), "pid": self.processes.pid(s.name)} for s in self.services}
-        return {**services, "state_dir": str(self.root)}
+        return {**services, "airflow": self.airflow.status(), "state_dir": str(self.root)}
 
     def up(self) -> dict[str, Any]:
         """Start what is not running yet, in order, each waited for before the next."""
@@ -72,7 +87,7 @@ class LocalStack:
         SeaweedFS's filer waits 15 s for its streaming gRPC clients before it stops; writes already sit in
         the page cache, so after a short grace the group is killed without losing acknowledged objects.
         """
-        stopped = {}
+        stopped = self.airflow.down(timeout_s)
         for service in reversed(self.services):
             pid = self.processes.stop(service.name, timeout_s)
             if pid is not None:

@@ -8,7 +8,7 @@ Bucket layout (one data bucket)::
 
     raw/sha256/ab/cd/<sha256>.<ext>                      content-addressed originals (immutable)
     manifests/batches/<source>/<batch_id>.parquet        published batch manifests (immutable)
-    manifests/splits/<task>.parquet                      the split ledger (an image keeps its split forever)
+    manifests/splits/<task>.parquet                      the split ledger (every version's rows; data/ledger.py)
     manifests/datasets/<task>/<version>.parquet|.json    dataset snapshots + summary; latest.json pointer
     quarantine/<source>/<batch_id>/...                   held batches and rejected originals
     reports/validation/<run_date>/<batch_id>/...         GX Data Docs per validation run
@@ -210,6 +210,7 @@ EXPLAIN_METRICS = "explain/metrics.json"
 EXPLAIN_OVERLAYS = "explain/overlays"
 GATE_REPORT_JSON = "gate/report.json"
 GATE_REPORT_MD = "gate/report.md"
+GATE_PREDICTIONS = "gate/predictions"  # per-image test predictions of a run, one file per dataset version
 MODEL_CARD = "model_card.md"
 DRIFT_REPORT_HTML = "drift/report.html"
 DRIFT_REPORT_JSON = "drift/report.json"
@@ -217,6 +218,24 @@ DRIFT_REPORT_JSON = "drift/report.json"
 
 def explain_overlay_path(label: str) -> str:
     return f"{EXPLAIN_OVERLAYS}/{label}.png"
+
+
+def gate_predictions_path(dataset_version: str) -> str:
+    """A run's per-image predictions on the test split of ``dataset_version`` (the paired gate's evidence)."""
+    return f"{GATE_PREDICTIONS}/{dataset_version}.json"
+
+
+def holdout_metric(source: str, name: str) -> str:
+    """Run metric of an external validation on a holdout source, e.g. ``holdout.<source>.macro_f1``;
+    the gate reads ``macro_f1``, ``f1_ci_low`` and ``n_images``. ``pipelines.model.holdout`` logs those and
+    ``f1_ci_high``, ``accuracy``, ``ece`` (calibrated), ``ece_uncalibrated``, ``precision_|recall_|f1_<class>``,
+    ``n_other_labels`` and ``excluded_seen_in_training``."""
+    return f"holdout.{source}.{name}"
+
+
+def holdout_report_path(source: str) -> str:
+    """The full external-validation report (per-class table, confusion, CI) of a run on a holdout source."""
+    return f"evaluation/holdout/{source}.json"
 
 
 def run_model_uri(run_id: str) -> str:

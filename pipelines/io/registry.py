@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import posixpath
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow import MlflowClient
@@ -154,6 +157,15 @@ class Registry:
         """Store ``text`` as an artifact of the run; returns its run-artifact URI (``layout.run_artifact_uri``)."""
         self.client.log_text(run_id, text, artifact_file)
         return run_artifact_uri(run_id, artifact_file)
+
+    @_translated
+    def read_text(self, run_id: str, artifact_file: str) -> str | None:
+        """The text artifact ``artifact_file`` of the run; None when the run has none there."""
+        folder = posixpath.dirname(artifact_file) or None
+        if artifact_file not in {a.path for a in self.client.list_artifacts(run_id, folder)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, artifact_file, tmp)).read_text()
 
     @_translated
     def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:

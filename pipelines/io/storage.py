@@ -163,6 +163,13 @@ class ObjectStore:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def presigned_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A time-limited http(s) GET URL of an object: a browser opens it without the keys (SigV4 query)."""
+        from datetime import timedelta
+
+        expires = timedelta(seconds=expires_s)
+        return self._call("presign", key, lambda: self.client.presigned_get_object(self.bucket, key, expires=expires))
+
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
         ctype = content_type or content_type_for(key)
         self._call(

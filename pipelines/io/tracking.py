@@ -242,4 +242,4 @@ def log_to_run(settings: Settings, run_id: str, metrics: dict[str, float], artif
         _log_metrics(client, run_id, metrics)
         _log_files(client, run_id, artifacts)
     except MlflowException as err:
-        raise TrackingError(f"cannot log explanations to MLflow run {run_id!r}: {err}") from err
+        raise TrackingError(f"cannot log to MLflow run {run_id!r}: {err}") from err

@@ -3,9 +3,9 @@
 `build_augmentation(name, num_classes, image_size)` returns an `Augmentation`:
 - `pil_transform`: per-image PIL → PIL callable (RandAugment, AugMix) for `preprocess.build_transform`,
   or None;
-- `batch_mixer`: `(images, labels) -> (images, soft_targets)` on a batch (Mixup, CutMix), or None;
-- `loss`: the matching criterion — `SoftTargetCrossEntropy` for mixed soft targets (label smoothing 0.1 is
-  applied inside the mixer), `LabelSmoothingCrossEntropy(0.1)` for integer labels otherwise.
+- `batch_mixer`: `(images, labels) -> (images, soft_targets)` on a batch (Mixup, CutMix), or None; its
+  soft targets already carry the label smoothing, so the training loss (`train.default_criterion`) adds
+  none on top of them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from timm.data.auto_augment import augment_and_mix_transform, rand_augment_trans
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 from timm.data.mixup import mixup_target
 from timm.data.transforms import str_to_pil_interp
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch import nn
 
 from pipelines.core.errors import LeukopsError
 
@@ -67,7 +65,6 @@ class Augmentation:
     name: str
     pil_transform: Callable[[Image.Image], Image.Image] | None
     batch_mixer: BatchMixer | None
-    loss: nn.Module
 
     @property
     def soft_targets(self) -> bool:
@@ -96,7 +93,6 @@ def build_augmentation(
         raise AugmentationError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if num_classes < 2:
         raise AugmentationError(f"augmentation {name}: num_classes must be >= 2, got {num_classes}")
-    smoothed = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
     if name in ("mixup", "cutmix"):
         mixup = Mixup(
             mixup_alpha=mixup_alpha if name == "mixup" else 0.0,
@@ -104,15 +100,15 @@ def build_augmentation(
             label_smoothing=label_smoothing,
             num_classes=num_classes,
         )
-        return Augmentation(name, None, EvenBatchMixer(mixup), SoftTargetCrossEntropy())
+        return Augmentation(name, None, EvenBatchMixer(mixup))
     if name == "none":
-        return Augmentation(name, None, None, smoothed)
+        return Augmentation(name, None, None)
     hparams = {
         "translate_const": int(image_size * 0.45),
         "img_mean": tuple(min(255, round(255 * m)) for m in mean),
         "interpolation": str_to_pil_interp(interpolation),
     }
     if name == "randaug":
-        return Augmentation(name, rand_augment_transform(randaug_config, hparams), None, smoothed)
+        return Augmentation(name, rand_augment_transform(randaug_config, hparams), None)
     augmix = augment_and_mix_transform(augmix_config, {**hparams, "translate_pct": 0.3})
-    return Augmentation(name, augmix, None, smoothed)
+    return Augmentation(name, augmix, None)

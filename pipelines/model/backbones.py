@@ -4,8 +4,8 @@
 weights when they are available offline, and puts the paper's new head on top
 (GAP → dropout → dense → ReLU → dropout → logits). The result is a `Backbone`: the `nn.Module` to train
 (`.model`), the timm-style preprocessing config resolved from the module's `pretrained_cfg`
-(`.data_config`), the Grad-CAM target layer, a pooled-feature `embed`, and the freeze switches from which
-the two-stage fine-tuning reads which parameters stage 2 opens. A trained model is rebuilt from its
+(`.data_config`), the Grad-CAM target layer, a pooled-feature `embed`, and timm's `group_matcher` (layer
+groups from the stem to the new head, for layer-wise LR decay). A trained model is rebuilt from its
 `pipelines.model.bundle.ModelBundle`, which records the factory's arguments.
 
 Weights (only when `pretrained=True`), first match wins; nothing ever touches the network:
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 from timm.layers import ClassifierHead, ConvNormAct
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, group_parameters, register_model
 from torch import nn
 
 from pipelines.core.errors import LeukopsError
@@ -86,6 +87,10 @@ class SmallCnn(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer grouping (layer-wise LR decay): the stem, then one group per stage."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
@@ -190,13 +195,20 @@ class BackboneClassifier(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.pool(self.encoder.forward_features(x))
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's layer grouping, for layer-wise LR decay: the encoder's own groups (every allow-listed
+        architecture has a `group_matcher`), then the head as the last group."""
+        layers = group_parameters(self.encoder, self.encoder.group_matcher(coarse=coarse), reverse=True)
+        head_group = max(layers.values()) + 1
+        return lambda name: layers.get(name.removeprefix("encoder."), head_group)
+
 
 @dataclass
 class Backbone:
     """A built backbone: the module, its preprocessing config and what the factory was asked for.
 
-    `freeze_encoder()` then `unfreeze_last_blocks(n)` marks which parameters fine-tuning opens (the last
-    n of the encoder's `stage_modules` and everything after them); `unfreeze_all()` undoes it.
+    Fine-tuning opens every parameter; `model.group_matcher` orders them stem → head for layer-wise LR
+    decay (`pipelines.model.recipe`).
     """
 
     name: str
@@ -208,7 +220,6 @@ class Backbone:
     gradcam_layer_name: str
     head_hidden: int = DEFAULT_HEAD_HIDDEN
     drop_rate: float = DEFAULT_DROP_RATE
-    stage_modules: list[str] = field(default_factory=list)
 
     @property
     def gradcam_layer(self) -> nn.Module:
@@ -221,48 +232,6 @@ class Backbone:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (the head's GAP output), N×D with D the encoder's feature width."""
         return self.model.embed(x)
-
-    def freeze_encoder(self) -> None:
-        for parameter in self.model.encoder.parameters():
-            parameter.requires_grad_(False)
-
-    def unfreeze_all(self) -> None:
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(True)
-
-    def unfreeze_last_blocks(self, n: int) -> int:
-        """Make the last `n` feature stages (and every layer after them) trainable; returns how many
-        parameter tensors were unfrozen. `n >= len(stage_modules)` unfreezes the whole encoder."""
-        if n < 0:
-            raise BackboneError(f"unfreeze_last_blocks: n must be >= 0, got {n}")
-        if n == 0:
-            return 0
-        modules = list(self.model.encoder.named_modules())
-        if n >= len(self.stage_modules):
-            start = 0
-        else:
-            boundary = self.stage_modules[-n - 1].removeprefix("encoder.")
-            start = _index_after_subtree(modules, boundary)
-        count = 0
-        for _, module in modules[start:]:
-            for parameter in module.parameters(recurse=False):
-                if not parameter.requires_grad:
-                    parameter.requires_grad_(True)
-                    count += 1
-        return count
-
-
-def _index_after_subtree(modules: list[tuple[str, nn.Module]], name: str) -> int:
-    """Index in `named_modules()` order of the first module after `name` and all its descendants."""
-    names = [n for n, _ in modules]
-    try:
-        index = names.index(name)
-    except ValueError:
-        raise BackboneError(f"feature stage {name!r} is not a module of the encoder") from None
-    prefix = f"{name}." if name else ""
-    while index + 1 < len(names) and names[index + 1].startswith(prefix):
-        index += 1
-    return index + 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,7 +280,6 @@ def create_backbone(
         gradcam_layer_name=f"encoder.{spec.gradcam_layer or encoder.feature_info[-1]['module']}",
         head_hidden=head_hidden,
         drop_rate=drop_rate,
-        stage_modules=[f"encoder.{info['module']}" for info in encoder.feature_info],
     )
 
 

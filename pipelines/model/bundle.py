@@ -1,8 +1,11 @@
 """The model bundle: the trained weights plus ONE metadata contract, and the classifier rebuilt from them.
 
 A bundle is a folder of two files, like a MONAI bundle's ``metadata.json`` next to its weights:
-``bundle.json`` (a serialised `ModelBundle`: task, classes, the backbone's architecture facts and the full
-preprocessing dict) and ``weights.pt`` (the state dict). `read_bundle` rebuilds the real timm module
+``bundle.json`` (a serialised `ModelBundle`: task, classes, the backbone's architecture facts, the full
+preprocessing dict and the inference settings: calibration temperature and test-time augmentation) and
+``weights.pt`` (the state dict). Every forward pass of a loaded model goes through
+`pipelines.model.predict.predict` with the bundle's `InferenceConfig`; bundles written before format 3
+have no inference settings and load with T = 1 and no TTA. `read_bundle` rebuilds the real timm module
 through `pipelines.model.backbones.create_backbone` (named layers intact for Grad-CAM), unlike MLflow 3's
 default pytorch ``pt2`` export, which loads back as a layer-less GraphModule.
 
@@ -28,9 +31,11 @@ from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings, get_settings
 from pipelines.io import tracking
 from pipelines.model.backbones import DEFAULT_DROP_RATE, DEFAULT_HEAD_HIDDEN, Backbone, create_backbone
+from pipelines.model.predict import InferenceConfig, Outputs, predict
 from pipelines.model.preprocess import to_tensor_batch
 
-BUNDLE_FORMAT = 2
+BUNDLE_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)  # 1: nested backbone config; 2: flat, no inference settings (T = 1, no TTA)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.pt"
 # mlflow.pyfunc.save_model copies the artifacts it is given (our two files) into this folder of the model
@@ -56,10 +61,20 @@ class ModelBundle:
     drop_rate: float = DEFAULT_DROP_RATE
     weights_source: str = "random-init"  # where the initial weights came from (a file, a package, a cache)
     timm_version: str = field(default_factory=lambda: timm.__version__)
+    temperature: float = 1.0  # calibration: logits are divided by it (pipelines.model.calibration)
+    tta: tuple[str, ...] = ()  # test-time views averaged with the identity (pipelines.model.predict)
     format: int = BUNDLE_FORMAT
 
     @classmethod
-    def for_backbone(cls, task: str, classes: Sequence[str], backbone: Backbone, preprocessing: dict) -> ModelBundle:
+    def for_backbone(
+        cls,
+        task: str,
+        classes: Sequence[str],
+        backbone: Backbone,
+        preprocessing: dict,
+        inference: InferenceConfig | None = None,
+    ) -> ModelBundle:
+        inference = inference or InferenceConfig()
         return cls(
             task=task,
             classes=list(classes),
@@ -71,15 +86,25 @@ class ModelBundle:
             head_hidden=backbone.head_hidden,
             drop_rate=backbone.drop_rate,
             weights_source=backbone.weights_source,
+            temperature=inference.temperature,
+            tta=inference.tta,
         )
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ModelBundle:
-        if raw.get("format") == 1:  # models logged before the contract was flattened: same facts, nested
+        if raw.get("format") not in READABLE_FORMATS:
+            readable = ", ".join(map(str, READABLE_FORMATS))
+            raise BundleError(f"unsupported bundle format {raw.get('format')!r} (this leukops reads {readable})")
+        if raw["format"] == 1:  # models logged before the contract was flattened: same facts, nested
             raw = _upgrade_format_1(raw)
-        if raw.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"unsupported bundle format {raw.get('format')!r} (this leukops reads {BUNDLE_FORMAT})")
-        return cls(**raw)
+        return cls(**raw | {"tta": tuple(raw.get("tta", ())), "format": BUNDLE_FORMAT})
+
+    def __post_init__(self) -> None:
+        InferenceConfig(self.temperature, self.tta)  # refuses a bad temperature or TTA name (InferenceError)
+
+    @property
+    def inference(self) -> InferenceConfig:
+        return InferenceConfig(temperature=self.temperature, tta=self.tta)
 
     def build(self) -> Backbone:
         """The architecture, randomly initialised, through the one factory (the caller loads the weights)."""
@@ -101,7 +126,7 @@ def _upgrade_format_1(raw: dict[str, Any]) -> dict[str, Any]:
     config = raw.get("backbone_config") or {}
     keep = ("head_hidden", "drop_rate", "weights_source", "timm_version")
     flat = {k: v for k, v in raw.items() if k != "backbone_config"}
-    return flat | {k: config[k] for k in keep if k in config} | {"format": BUNDLE_FORMAT}
+    return flat | {k: config[k] for k in keep if k in config}
 
 
 @dataclass
@@ -133,17 +158,28 @@ class LoadedModel:
     def gradcam_layer(self) -> nn.Module:
         return self.backbone.gradcam_layer
 
+    @property
+    def inference(self) -> InferenceConfig:
+        return self.bundle.inference
+
     def batch(self, rgb_list: Sequence[np.ndarray]) -> torch.Tensor:
         """The preprocessed input tensor (N×3×H×W) for these RGB uint8 images."""
         return to_tensor_batch(list(rgb_list), self.preprocessing).to(self.device)
 
-    @torch.no_grad()
-    def predict_proba(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    def outputs(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> Outputs:
+        """Calibrated probabilities and the logits behind them (the one predict function, in batches)."""
+        if len(rgb_list) == 0:
+            empty = np.zeros((0, len(self.classes)))
+            return Outputs(empty, empty)
         chunks = [
-            torch.softmax(self.module(self.batch(rgb_list[i : i + batch_size])).float(), dim=-1).cpu().numpy()
+            predict(self.module, self.batch(rgb_list[i : i + batch_size]), self.inference)
             for i in range(0, len(rgb_list), batch_size)
         ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)), np.float32)
+        return Outputs(np.concatenate([c.proba for c in chunks]), np.concatenate([c.logits for c in chunks]))
+
+    def predict_proba(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (N×C) with the bundle's temperature and TTA."""
+        return self.outputs(rgb_list, batch_size).proba
 
     @torch.no_grad()
     def embed(self, rgb_list: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:

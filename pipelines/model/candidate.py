@@ -10,7 +10,8 @@ so a crashed candidate resumes both where it stopped.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,18 +28,18 @@ from pipelines.data.datasets import (
     split_rows,
 )
 from pipelines.io import layout, tracking
-from pipelines.io.registry import ALIASES, RunRecord
+from pipelines.io.registry import RunRecord
+from pipelines.model.checkpoint import checkpoint_file, run_key
+from pipelines.model.recipe import balanced_class_weights
 from pipelines.model.train import (
+    Callback,
     EpochRecord,
     FitResult,
     Stage,
     TrainConfig,
-    checkpoint_file,
     fine_tuning_stages,
     fit,
     pick_device,
-    predict_proba,
-    run_key,
     seed_everything,
 )
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from torch.utils.data import DataLoader
 
-    from pipelines.core.settings import Settings
+    from pipelines.core.settings import RetrainConfig, Settings
     from pipelines.model.augment import Augmentation
     from pipelines.model.backbones import Backbone
     from pipelines.model.evaluate import EvalResult
@@ -64,15 +65,24 @@ class CandidateSpec:
     batch_size: int = 32
     mask_corner: bool = False
     device: str | None = None
+    tta: tuple[str, ...] = ()  # flip views averaged with the identity at evaluation (pipelines.model.predict)
+
+
+def train_config(retrain: RetrainConfig, **overrides: Any) -> TrainConfig:
+    """The recipe: ``settings.retrain``'s values of every `TrainConfig` field, then the ``overrides`` that
+    are not None (a CLI option left out, a benchmark's budget). The one source of training defaults."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TrainingInputError(f"bad training option(s) {unknown}; known: {sorted(names)}")
+    values = {name: getattr(retrain, name) for name in names}
+    return TrainConfig(**(values | {k: v for k, v in overrides.items() if v is not None}))
 
 
 def stages_for(backbone: Backbone, config: TrainConfig) -> list[Stage]:
-    """Two-stage fine-tuning for ImageNet weights (the Backbone decides which blocks stage 2 opens)."""
-    backbone.freeze_encoder()
-    backbone.unfreeze_last_blocks(config.unfreeze_blocks)
-    opened = [n for n, p in backbone.model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    backbone.unfreeze_all()
-    return fine_tuning_stages(config, pretrained=backbone.pretrained, head=["head"], finetune=opened)
+    """Full fine-tuning with layer-wise LR decay for ImageNet weights (after ``head_epochs`` of the head
+    alone), one uniform stage from random init."""
+    return fine_tuning_stages(config, pretrained=backbone.pretrained, head=["head"])
 
 
 @dataclass
@@ -140,19 +150,35 @@ def prepare_run(
     dataset_version: str | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> PreparedRun:
-    """Load the snapshot, fill the local image cache, build the backbone, preprocessing and loaders."""
+    """Load the snapshot, fill the local image cache, then `build_run` on it."""
     from pipelines.data.snapshot import load_snapshot
     from pipelines.io.storage import ObjectStore
+
+    check_request(spec, config)
+    store = ObjectStore.from_settings(settings)
+    snapshot = load_snapshot(store, spec.task, dataset_version)
+    frame = limit_rows(snapshot.frame, spec.max_images)
+    frame = frame.assign(path=fill_cache(store, frame, Path(settings.state_dir) / "cache"))
+    dataset_uri = store.uri(layout.dataset_key(spec.task, snapshot.version))
+    return build_run(spec, config, frame, snapshot.version, dataset_uri, extra_tags)
+
+
+def build_run(
+    spec: CandidateSpec,
+    config: TrainConfig,
+    frame: pd.DataFrame,
+    dataset_version: str,
+    dataset_uri: str,
+    extra_tags: dict[str, str] | None = None,
+) -> PreparedRun:
+    """The backbone, preprocessing, augmentation and loaders for ``frame`` (rows with a local ``path``, a
+    ``label`` and a ``split``); no S3, no MLflow: the benchmark calls it on a folder's images."""
     from pipelines.model.augment import build_augmentation
     from pipelines.model.backbones import create_backbone
     from pipelines.model.preprocess import preprocessing_from
 
     check_request(spec, config)
     classes = get_task(spec.task).classes
-    store = ObjectStore.from_settings(settings)
-    snapshot = load_snapshot(store, spec.task, dataset_version)
-    frame = limit_rows(snapshot.frame, spec.max_images)
-    frame = frame.assign(path=fill_cache(store, frame, Path(settings.state_dir) / "cache"))
     seed_everything(config.seed)
     backbone = create_backbone(spec.backbone, len(classes), pretrained=True, image_size=spec.image_size)
     preprocessing = preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner)
@@ -167,8 +193,8 @@ def prepare_run(
     return PreparedRun(
         spec=spec,
         config=config,
-        dataset_version=snapshot.version,
-        dataset_uri=store.uri(layout.dataset_key(spec.task, snapshot.version)),
+        dataset_version=dataset_version,
+        dataset_uri=dataset_uri,
         frame=frame,
         backbone=backbone,
         preprocessing=preprocessing,
@@ -271,6 +297,7 @@ def _fit_metrics(result: FitResult, run: PreparedRun) -> dict[str, float]:
         "val_macro_f1": result.best_val_f1,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
+        "planned_steps": result.planned_steps,
         "train_seconds": result.train_seconds,
         "train_images_per_s": result.images_per_s,
         **{f"n_{split}": len(loader.dataset) for split, loader in run.loaders.items()},
@@ -283,10 +310,35 @@ def _fit_tags(result: FitResult, device: torch.device) -> dict[str, str]:
     return {"stop_reason": result.stop_reason, "device": device.type, **resumed}
 
 
+def fit_prepared(
+    run: PreparedRun, checkpoint_path: Path | None = None, callbacks: Sequence[Callback] = ()
+) -> FitResult:
+    """THE training call of every entry point (CLI, DAG, benchmark): the recipe's stages and class
+    weights, the augmentation's mixer, `fit` on the run's loaders."""
+    classes = run.classes
+    weights = None
+    if run.config.class_balanced:
+        weights = balanced_class_weights(run.loaders["train"].dataset.labels, len(classes))
+    return fit(
+        run.backbone.model,
+        run.loaders["train"],
+        run.loaders["val"],
+        stages=stages_for(run.backbone, run.config),
+        config=run.config,
+        checkpoint_path=checkpoint_path,
+        callbacks=callbacks,
+        mixer=run.augmentation.batch_mixer,
+        class_weights=weights,
+        device=pick_device(run.spec.device),
+    )
+
+
 def train_prepared(settings: Settings, run: PreparedRun) -> CandidateSummary:
     """Fit (resuming a crashed run of the same key), evaluate on test, log the run and its model."""
     from pipelines.model.bundle import ModelBundle
-    from pipelines.model.evaluate import evaluate_predictions
+    from pipelines.model.calibration import fit_calibration
+    from pipelines.model.evaluate import evaluate_logits
+    from pipelines.model.predict import loader_logits
     from pipelines.model.pyfunc import log_model
 
     resolved = run.resolved_config()
@@ -297,38 +349,46 @@ def train_prepared(settings: Settings, run: PreparedRun) -> CandidateSummary:
     with tracking.TrainingTracker(settings, run_key=key, run_name=name, tags=run.tags()) as tracker:
         tracker.log_params(resolved)
         tracker.log_snapshot(run.spec.task, run.dataset_version, run.frame, run.dataset_uri)
-        result = fit(
-            run.backbone.model,
-            run.loaders["train"],
-            run.loaders["val"],
-            stages=stages_for(run.backbone, run.config),
-            config=run.config,
-            checkpoint_path=checkpoint,
-            callbacks=[_EpochCurves(tracker)],
-            mixer=run.augmentation.batch_mixer,
-            criterion=run.augmentation.loss,
-            device=device,
-        )
-        labels, proba = predict_proba(run.backbone.model, run.loaders["test"], device)
-        _log_test_evaluation(tracker, evaluate_predictions(labels, proba, list(run.classes)))
+        result = fit_prepared(run, checkpoint, callbacks=[_EpochCurves(tracker)])
+        # the temperature is fitted on val and saved in the bundle, with the TTA views
+        calibration = fit_calibration(run.backbone.model, run.loaders["val"], device, run.spec.tta)
+        tracker.log_metrics(calibration.to_metrics())
+        labels, logits = loader_logits(run.backbone.model, run.loaders["test"], device, calibration.inference.tta)
+        _log_test_evaluation(tracker, evaluate_logits(labels, logits, list(run.classes), calibration.inference))
         tracker.log_metrics(_fit_metrics(result, run))
         tracker.set_tags(_fit_tags(result, device))
-        bundle = ModelBundle.for_backbone(run.spec.task, run.classes, run.backbone, run.preprocessing)
+        bundle = ModelBundle.for_backbone(
+            run.spec.task, run.classes, run.backbone, run.preprocessing, calibration.inference
+        )
         log_model(tracker, bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
     checkpoint.unlink(missing_ok=True)  # the run holds the model now; a rerun trains afresh
     return CandidateSummary.from_run(tracking.read_run(settings, tracker.run_id))
+
+
+def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: Any) -> CandidateSpec:
+    """A `CandidateSpec` whose options left None (augment, image_size, max_images, batch_size) come from
+    ``settings.retrain`` (augment: the grid's first augmentation)."""
+    defaults = {
+        "augment": retrain.augmentations[0],
+        "image_size": retrain.image_size,
+        "max_images": retrain.max_images,
+        "batch_size": retrain.batch_size,
+        "tta": tuple(retrain.tta),
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    return CandidateSpec(task, backbone, **(defaults | given))
 
 
 def train_candidate(
     settings: Settings,
     task: str,
     backbone: str,
-    augment: str = "mixup",
+    augment: str | None = None,
     *,
     dataset_version: str | None = None,
     image_size: int | None = None,
     max_images: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     mask_corner: bool = False,
     device: str | None = None,
     extra_tags: dict[str, str] | None = None,
@@ -336,13 +396,21 @@ def train_candidate(
 ) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
     test split and log it all to MLflow; returns its summary (run_id, val_f1, test_f1, ...).
-    ``train_options`` are ``TrainConfig`` fields: epochs, lr, patience, seed, time_budget_min, ...;
-    ``extra_tags`` (e.g. the Airflow run key) are set on the MLflow run and are part of its run key."""
-    spec = CandidateSpec(task, backbone, augment, image_size, max_images, batch_size, mask_corner, device)
-    try:
-        config = TrainConfig(**train_options)
-    except TypeError as err:
-        raise TrainingInputError(f"bad training option: {err}") from None
+    Every option left None resolves from ``settings.retrain``; ``train_options`` are ``TrainConfig``
+    fields (epochs, lr, time_budget_min, ...); ``extra_tags`` (e.g. the Airflow run key) are set on the
+    MLflow run and are part of its run key."""
+    spec = candidate_spec(
+        settings.retrain,
+        task,
+        backbone,
+        augment=augment,
+        image_size=image_size,
+        max_images=max_images,
+        batch_size=batch_size,
+        mask_corner=mask_corner,
+        device=device,
+    )
+    config = train_config(settings.retrain, **train_options)
     return train_prepared(settings, prepare_run(settings, spec, config, dataset_version, extra_tags))
 
 
@@ -366,68 +434,11 @@ def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
         )
     if config.time_budget_min is not None and config.time_budget_min <= 0:
         raise TrainingInputError(f"--time-budget-min must be > 0, got {config.time_budget_min}")
+    if not config.lr > 0:
+        raise TrainingInputError(f"lr must be > 0, got {config.lr}")
+    if not 0 < config.layer_lr_floor <= 1:
+        raise TrainingInputError(f"layer_lr_floor must be in (0, 1], got {config.layer_lr_floor}")
+    if not 0 <= config.ema_decay < 1:
+        raise TrainingInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if spec.device and spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingInputError(f"device {spec.device!r} requested but CUDA is not available here")
-
-
-def _model_uri(settings: Settings, model: str, task: str) -> str:
-    if model in ALIASES:
-        return layout.alias_uri(settings.registered_model_name(task), model)
-    return layout.run_model_uri(model)
-
-
-def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task: str | None = None) -> dict:
-    """External validation: ``model`` (an alias of the task's registered model, or a run id) on every accepted
-    image of ``source_name`` whose label is a class of the model's task, minus the images of the model's
-    own train/val splits (counted in ``excluded_seen_in_training``)."""
-    from pipelines.data.manifests import accepted_rows
-    from pipelines.data.sources import load_source
-    from pipelines.io.storage import ObjectStore
-    from pipelines.model.bundle import load_model
-    from pipelines.model.evaluate import evaluate_model
-
-    source = load_source(source_name, settings)
-    if task is None and len(source.tasks) != 1:
-        raise TrainingInputError(f"source {source_name!r} feeds tasks {list(source.tasks)}: pass --task")
-    loaded = load_model(_model_uri(settings, model, task or source.tasks[0]), settings=settings)
-    if loaded.task not in source.tasks:
-        raise TrainingInputError(
-            f"source {source_name!r} feeds {list(source.tasks)}, not the model's task {loaded.task!r}"
-        )
-    store = ObjectStore.from_settings(settings)
-    rows = accepted_rows(store, source_name).drop_duplicates("sha256")
-    seen = _seen_in_training(settings, store, loaded)
-    unseen = rows[~rows["sha256"].isin(seen)]  # images the model learned from or was selected on
-    usable = unseen[unseen["label"].isin(loaded.classes)]
-    if usable.empty:
-        raise TrainingInputError(
-            f"source {source_name!r} has no accepted images labelled with a class of {loaded.task!r} "
-            f"({list(loaded.classes)}); ingest it first (`leukops ingest --source {source_name}`)"
-        )
-    result = evaluate_model(loaded, store, usable)
-    return {
-        "model_uri": _model_uri(settings, model, loaded.task),
-        "run_id": loaded.run_id,
-        "task": loaded.task,
-        "source": source_name,
-        "macro_f1": result.macro_f1,
-        "accuracy": result.accuracy,
-        "f1_ci": [result.f1_ci_low, result.f1_ci_high],
-        "ece": result.ece,
-        "per_class": {name: asdict(scores) for name, scores in result.per_class.items()},
-        "n": result.n,
-        "n_other_labels": int(len(unseen) - len(usable)),
-        "excluded_seen_in_training": int(len(rows) - len(unseen)),
-        "absent_classes": list(result.absent_classes),
-    }
-
-
-def _seen_in_training(settings: Settings, store, loaded) -> set[str]:
-    """sha256 of the train and val images of the snapshot the model was trained on (none if unknown)."""
-    from pipelines.data.snapshot import load_snapshot
-
-    version = tracking.run_tags(settings, loaded.run_id).get("dataset_version") if loaded.run_id else None
-    if not version:
-        return set()
-    frame = load_snapshot(store, loaded.task, version).frame
-    return set(frame.loc[frame["split"].isin(["train", "val"]), "sha256"])

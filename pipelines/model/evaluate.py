@@ -2,8 +2,10 @@
 
 `evaluate_predictions` gives accuracy, macro-F1, per-class precision/recall/F1/support, the confusion
 matrix, the expected calibration error (15 equal-width confidence bins) and a percentile-bootstrap 95% CI of
-macro-F1. `confusion_matrix_figure` draws the matrix. `evaluate_model` is the thin adapter that
-re-evaluates a loaded model on a frame of stored images.
+macro-F1. `evaluate_logits` scores logits the way the model predicts (`pipelines.model.predict`: softmax of
+logits / temperature) and adds the ECE the same logits had before calibration. `confusion_matrix_figure`
+draws the matrix. `evaluate_model` is the thin adapter that re-evaluates a loaded model on a frame of
+stored images, through the model's own predict function (its temperature and TTA).
 
 `macro_f1` is the one macro-F1 of leukops (training's validation, test evaluation, the shortcut test): it
 averages over the classes present in `y_true` (sklearn's macro average when every class is present);
@@ -13,7 +15,7 @@ classes absent from the evaluated set are listed in `EvalResult.absent_classes`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from pipelines.io.storage import ObjectStore
+    from pipelines.model.predict import InferenceConfig
 
 ECE_BINS = 15
 
@@ -55,15 +58,19 @@ class EvalResult:
     f1_ci_high: float
     absent_classes: tuple[str, ...] = ()
     bootstrap: int = 0
+    ece_uncalibrated: float | None = None  # the same logits at temperature 1 (when evaluated from logits)
 
     def to_metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flat metrics: accuracy, macro_f1, precision_/recall_/f1_<class> (present classes), the CI, ece."""
+        """Flat metrics: accuracy, macro_f1, precision_/recall_/f1_<class> (present classes), the CI, ece
+        (and ece_uncalibrated when known)."""
         metrics = {"accuracy": self.accuracy, "macro_f1": self.macro_f1}
         for name, scores in self.per_class.items():
             if name not in self.absent_classes:
                 metrics |= {f"precision_{name}": scores.precision, f"recall_{name}": scores.recall}
                 metrics[f"f1_{name}"] = scores.f1
         metrics |= {"f1_ci_low": self.f1_ci_low, "f1_ci_high": self.f1_ci_high, "ece": self.ece}
+        if self.ece_uncalibrated is not None:
+            metrics["ece_uncalibrated"] = self.ece_uncalibrated
         return {f"{prefix}{key}": float(value) for key, value in metrics.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +90,8 @@ class EvalResult:
         lines.append(f"{'accuracy':>{width}}  {'':9}  {'':6}  {self.accuracy:8.3f}  {self.n:7d}")
         ci = f"[{self.f1_ci_low:.3f}, {self.f1_ci_high:.3f}]"
         lines.append(f"{'macro-F1':>{width}}  {self.macro_f1:.3f}  (95% CI {ci}, {self.bootstrap} resamples)")
-        lines.append(f"{'ECE':>{width}}  {self.ece:.4f}")
+        before = f"  (uncalibrated {self.ece_uncalibrated:.4f})" if self.ece_uncalibrated is not None else ""
+        lines.append(f"{'ECE':>{width}}  {self.ece:.4f}{before}")
         return "\n".join(lines)
 
 
@@ -133,6 +141,25 @@ def evaluate_predictions(
     )
 
 
+def evaluate_logits(
+    y_true: Sequence[int] | Sequence[str] | np.ndarray,
+    logits: np.ndarray,
+    classes: Sequence[str],
+    inference: InferenceConfig,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> EvalResult:
+    """`evaluate_predictions` of the model's probabilities (``inference``'s temperature applied to the
+    TTA-averaged ``logits``), with the ECE of the uncalibrated softmax beside the calibrated one."""
+    from pipelines.model.predict import probabilities  # torch: kept off this module's import path
+
+    proba = probabilities(logits, inference.temperature)
+    result = evaluate_predictions(y_true, proba, classes, bootstrap=bootstrap, seed=seed)
+    truth, _ = _check_inputs(y_true, proba, tuple(classes))
+    return replace(result, ece_uncalibrated=expected_calibration_error(truth, probabilities(logits)))
+
+
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
     """Σ_b (n_b / N)·|accuracy_b − mean confidence_b| over equal-width bins of the top-class confidence."""
     confidence = proba.max(axis=1)
@@ -179,7 +206,7 @@ def evaluate_model(
     loaded_model: Any, store: ObjectStore, frame: pd.DataFrame, *, batch_size: int = 32, bootstrap: int = 1000
 ) -> EvalResult:
     """Re-evaluate a loaded model (`pipelines.model.bundle.LoadedModel`) on the images of `frame`
-    (columns `key`, `label`).
+    (columns `key`, `label`), with the temperature and TTA of its bundle.
 
     Labels must be classes of the model; undecodable objects are an error naming the key.
     """
@@ -194,7 +221,7 @@ def evaluate_model(
     unknown = sorted(set(frame["label"]) - set(classes))
     if unknown:
         raise EvaluationError(f"evaluate_model: labels {unknown} are not classes of the model {list(classes)}")
-    probabilities = []
+    logits = []
     keys = list(frame["key"])
     for start in range(0, len(keys), batch_size):
         images = []
@@ -203,8 +230,9 @@ def evaluate_model(
                 images.append(decode_image(store.get_bytes(key)).rgb)
             except ImageDecodeError as error:
                 raise EvaluationError(f"evaluate_model: object {key}: {error}") from error
-        probabilities.append(np.asarray(loaded_model.predict_proba(images)))
-    return evaluate_predictions(list(frame["label"]), np.concatenate(probabilities), classes, bootstrap=bootstrap)
+        logits.append(loaded_model.outputs(images).logits)
+    labels = list(frame["label"])
+    return evaluate_logits(labels, np.concatenate(logits), classes, loaded_model.inference, bootstrap=bootstrap)
 
 
 def _check_inputs(

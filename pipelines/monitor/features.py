@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +20,8 @@ import pandas as pd
 
 from pipelines.core.errors import LeukopsError
 from pipelines.data.imagefacts import FACT_COLUMNS, DecodedImage, image_facts
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_NAME = "embedding"  # the embeddings set in the report, and its name in drifted_features
 PC_PREFIX = "emb_pc"
@@ -34,7 +37,8 @@ class DriftError(LeukopsError):
 
 
 class ImageModel(Protocol):
-    """What drift needs from a loaded model (``pipelines.model.bundle.LoadedModel`` satisfies it)."""
+    """What drift needs from a loaded model (``pipelines.model.bundle.LoadedModel`` satisfies it: its
+    ``predict_proba`` is the one predict function, so confidences carry the bundle's temperature and TTA)."""
 
     classes: Sequence[str]
 
@@ -135,6 +139,7 @@ def model_outputs(model: ImageModel, rgbs: list[np.ndarray], batch: int = MODEL_
         chunk = rgbs[start : start + batch]
         embeddings.append(np.asarray(model.embed(chunk), dtype=np.float64))
         probas.append(np.asarray(model.predict_proba(chunk), dtype=np.float64))
+        log.info("drift features: model outputs for %d/%d images", start + len(chunk), len(rgbs))
     return np.concatenate(embeddings), np.concatenate(probas)
 
 

@@ -21,6 +21,7 @@ from pipelines.io.layout import (
     retrain_last_attempt_key,
 )
 from pipelines.io.storage import ObjectMissingError, ObjectStore
+from pipelines.orchestration.params import overrides_of, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,14 @@ AIRFLOW_RUN_KEY_TAG = "airflow_candidate_key"
 
 class FlowError(LeukopsError):
     pass
+
+
+class InvalidCandidateError(FlowError):
+    """A grid cell that cannot train whatever the retries (a name off the allow-lists): fail it at once."""
+
+
+class NoSurvivorError(FlowError):
+    """Every planned grid cell failed: nothing to gate (a retry of the gate cannot change that)."""
 
 
 # -- settings through Airflow connections ---------------------------------------------------------
@@ -44,9 +53,10 @@ def _airflow_connection(conn_id: str):
         return None
 
 
-def task_settings() -> Settings:
-    """The settings, with the S3/MLflow values of the Airflow connections when they exist."""
-    settings = get_settings()
+def task_settings(params: dict[str, Any] | None = None) -> Settings:
+    """The settings, with the S3/MLflow values of the Airflow connections when they exist and the run's
+    validated overrides (``params``: the DAG run's params, see ``orchestration.params``)."""
+    settings = with_overrides(get_settings(), params or {})
     overrides: dict[str, Any] = {}
     s3 = _airflow_connection("leukops_s3")
     if s3 is not None:
@@ -135,21 +145,21 @@ def ingest_verdict(report: dict[str, Any]) -> dict[str, Any]:
 # -- leukops_nightly_retrain -----------------------------------------------------------------------
 
 
-def snapshot_tasks() -> list[dict[str, Any]]:
+def snapshot_tasks(params: dict[str, Any]) -> list[dict[str, Any]]:
     from pipelines.data.snapshot import snapshot_summary, take_snapshot
 
-    settings = task_settings()
+    settings = task_settings(params)
     store = _store(settings)
     return [snapshot_summary(task, take_snapshot(store, settings, task)) for task in settings.retrain.tasks]
 
 
-def plan_candidates(
-    snapshots: list[dict[str, Any]], run_id: str, force: bool = False, reason: str = ""
-) -> list[dict[str, Any]]:
-    """The grid for every task whose snapshot changed since the last attempt (or all, when forced)."""
-    if force and not reason.strip():
+def plan_candidates(snapshots: list[dict[str, Any]], run_id: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid (settings + the run's overrides) for every task whose snapshot changed since the last
+    attempt (or all, when forced)."""
+    force, reason = bool(params.get("force")), str(params.get("reason") or "").strip()
+    if force and not reason:
         raise FlowError("force=true needs a reason (it is recorded with the runs)")
-    settings = task_settings()
+    settings = task_settings(params)
     store = _store(settings)
     grid = settings.retrain
     candidates = []
@@ -171,17 +181,31 @@ def plan_candidates(
                         "backbone": backbone,
                         "augment": augment,
                         "candidate_key": f"{run_id}/{task}/{backbone}/{augment}",
-                        "reason": reason.strip() or "scheduled retrain",
+                        "reason": reason or "scheduled retrain",
                     }
                 )
+    log.info("planned %d candidate(s); run overrides: %s", len(candidates), overrides_of(params) or "none")
     return candidates
 
 
-def train(candidate: dict[str, Any]) -> dict[str, Any]:
+def check_cell(candidate: dict[str, Any]) -> None:
+    from pipelines.model.augment import AUGMENTATIONS
+    from pipelines.model.backbones import BACKBONES
+
+    if candidate["backbone"] not in BACKBONES:
+        raise InvalidCandidateError(f"unknown backbone {candidate['backbone']!r}; allowed: {', '.join(BACKBONES)}")
+    if candidate["augment"] not in AUGMENTATIONS:
+        raise InvalidCandidateError(
+            f"unknown augmentation {candidate['augment']!r}; allowed: {', '.join(AUGMENTATIONS)}"
+        )
+
+
+def train(candidate: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Train one grid cell; a rerun of the same Airflow run returns the finished run instead."""
     from pipelines.model.candidate import finished_candidate, train_candidate
 
-    settings = task_settings()
+    check_cell(candidate)
+    settings = task_settings(params)
     finished = finished_candidate(settings, {AIRFLOW_RUN_KEY_TAG: candidate["candidate_key"]})
     if finished is not None:
         return {**candidate, **finished.to_dict(), "reused": True}
@@ -202,10 +226,10 @@ def train(candidate: dict[str, Any]) -> dict[str, Any]:
     return {**candidate, **result.to_dict(), "reused": False}
 
 
-def explain(trained: dict[str, Any]) -> dict[str, Any]:
+def explain(trained: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     from pipelines.trust.explain import explain_run
 
-    settings = task_settings()
+    settings = task_settings(params)
     grid = settings.retrain
     summary = explain_run(
         trained["run_id"], samples=grid.explain_samples, lime_images=grid.explain_lime_images, settings=settings
@@ -213,18 +237,39 @@ def explain(trained: dict[str, Any]) -> dict[str, Any]:
     return {**trained, "explain": summary}
 
 
-def gate_and_promote(candidates: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
-    """Per task: rank by validation F1, gate in that order, promote the first that passes; record the
-    attempted snapshot so an unchanged snapshot is not retrained every night."""
+def survivors(planned: list[dict[str, Any]], finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The planned candidates that were trained and explained; FlowError when none was (every cell failed)."""
+    done = {c["candidate_key"] for c in finished}
+    lost = [c["candidate_key"] for c in planned if c["candidate_key"] not in done]
+    if planned and not finished:
+        raise NoSurvivorError(
+            f"every candidate failed ({', '.join(lost)}): nothing to gate; see the train/explain logs"
+        )
+    if lost:
+        log.warning("%d of %d candidate(s) failed and are left out of the gate: %s", len(lost), len(planned), lost)
+    return finished
+
+
+def gate_and_promote(
+    planned: list[dict[str, Any]], finished: list[dict[str, Any]], run_id: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Per task: rank the surviving candidates by validation F1, gate in that order (gate floors: settings
+    + the run's overrides), promote the first that passes; record the attempted snapshot so an unchanged
+    snapshot is not retrained every night."""
     from pipelines.trust.promote import select_and_promote
 
-    settings = task_settings()
+    candidates = survivors(planned, finished)
+    settings = task_settings(params)
     store = _store(settings)
     outcomes = {}
     for task in sorted({c["task"] for c in candidates}):
         mine = [c for c in candidates if c["task"] == task]
         reason = f"{mine[0]['reason']} (airflow run {run_id})"
         outcome = select_and_promote([c["run_id"] for c in mine], reason, settings)
+        trained = {c["candidate_key"] for c in mine}
+        outcome["failed_candidates"] = [
+            c["candidate_key"] for c in planned if c["task"] == task and c["candidate_key"] not in trained
+        ]
         store.put_json(
             retrain_last_attempt_key(task),
             {
@@ -322,6 +367,7 @@ def _drift_reports(
             log.info("drift %s: %s", current, err)
             continue
         reports.append({"current": current, **outcome.to_dict()})
+        log.info("drift %s (%d/%d): %s", current, len(reports), len(currents), reports[-1].get("report_html"))
     return reports
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +27,8 @@ from pipelines.trust.lime_explainer import LimeResult, classifier_fn, lime_expla
 if TYPE_CHECKING:
     from pipelines.core.settings import Settings
     from pipelines.io.storage import ObjectStore
+
+log = logging.getLogger(__name__)
 
 OVERLAY_ROWS_PER_CLASS = 4
 
@@ -96,8 +99,12 @@ def explain_images(
     lime_images: int = 3,
     lime_samples: int = 1000,
     segmentation: str = "quickshift",
+    shortcut_sample: tuple[Sequence[np.ndarray], Sequence[str]] | None = None,
 ) -> ImageExplanations:
-    """Grad-CAM localization, a LIME summary, the shortcut test and overlay grids for one sample."""
+    """Grad-CAM localization, a LIME summary, the shortcut test and overlay grids for one sample.
+
+    The shortcut test (forward passes only) runs on ``shortcut_sample`` (images, labels) when given, a
+    larger sample than Grad-CAM's so that its flip-rate bound is tight; else on the same images."""
     from pipelines.model.preprocess import to_tensor_batch
     from pipelines.trust.localization import flat_metrics
     from pipelines.trust.shortcut import shortcut_test
@@ -111,14 +118,19 @@ def explain_images(
     heat = gradcam(loaded, loaded.gradcam_layer, batch)
     cam_summary, segmentation_summary = _gradcam_localization(heat, inputs, labels)
     predict = classifier_fn(loaded.module, lambda imgs: to_tensor_batch(list(imgs), loaded.preprocessing))
-    lime_results = {
-        i: lime_explain(
+    log.info("explain: Grad-CAM localization of %d images done", len(images))
+    lime_picks = _one_per_class_first(labels, lime_images)
+    lime_results = {}
+    for done, i in enumerate(lime_picks, 1):  # LIME is the slow part on CPU: one progress line per image
+        lime_results[i] = lime_explain(
             images[i], predict, num_samples=lime_samples, segmentation=segmentation, seed=seed, adaptive=True
         )
-        for i in _one_per_class_first(labels, lime_images)
-    }
+        log.info("explain: LIME %d/%d (%s, %d samples)", done, len(lime_picks), labels[i], lime_results[i].samples_used)
     lime = _lime_summary(images, lime_results, segmentation)
-    shortcut = shortcut_test(predict, list(images), [classes.index(lab) for lab in labels], seed=seed)
+    shortcut_images, shortcut_labels = shortcut_sample or (images, labels)
+    shortcut = shortcut_test(
+        loaded.predict_proba, list(shortcut_images), [classes.index(lab) for lab in shortcut_labels], seed=seed
+    )
     report = {
         "n_images": len(images),
         "gradcam": _headline(cam_summary["overall"]) | {"per_class": cam_summary["per_class"]},
@@ -127,7 +139,11 @@ def explain_images(
         "segmentation": segmentation_summary,
     }
     metrics = flat_metrics(cam_summary["overall"], "gradcam_") | {
+        "gradcam_n_images": float(len(images)),
         "shortcut_flip_rate": shortcut.flip_rate,
+        "shortcut_flips": float(shortcut.flips),
+        "shortcut_n_images": float(shortcut.n_images),
+        "shortcut_flip_rate_upper": shortcut.flip_bounds()["flip_rate_upper"],
         "shortcut_f1_drop": shortcut.f1_drop,
     }
     if lime["nucleus_mass"] is not None:
@@ -230,13 +246,23 @@ def explain_run(
     store = ObjectStore.from_settings(settings)
     dataset_version, picked = _test_sample(store, tags["task"], tags["dataset_version"], loaded.classes, samples, seed)
     images = [decode_image(store.get_bytes(key)).rgb for key in picked["key"]]
-    result = explain_images(loaded, images, list(picked["label"]), seed=seed, lime_images=lime_images)
+    shortcut_rows = _shortcut_rows(store, tags["task"], dataset_version, loaded.classes, settings, seed)
+    shortcut_images = [decode_image(store.get_bytes(key)).rgb for key in shortcut_rows["key"]]
+    result = explain_images(
+        loaded,
+        images,
+        list(picked["label"]),
+        seed=seed,
+        lime_images=lime_images,
+        shortcut_sample=(shortcut_images, list(shortcut_rows["label"])),
+    )
     report = result.report | {
         "run_id": run_id,
         "task": tags["task"],
         "dataset_version": dataset_version,
         "seed": seed,
         "sha256": list(picked["sha256"]),
+        "shortcut_sha256": list(shortcut_rows["sha256"]),
     }
     artifacts = _run_artifacts(report, result.overlays)
     log_to_run(settings, run_id, result.metrics, artifacts)
@@ -260,6 +286,14 @@ def _test_sample(
             f"{len(picked)}: the shortcut swap needs two (raise --samples or add test images)"
         )
     return snapshot.version, picked
+
+
+def _shortcut_rows(
+    store: ObjectStore, task: str, version: str, classes: Sequence[str], settings: Settings, seed: int
+) -> pd.DataFrame:
+    """The shortcut test's sample: min(|test split|, gate.shortcut_images) test rows, class-balanced."""
+    _, rows = _test_sample(store, task, version, classes, settings.gate.shortcut_images, seed)
+    return rows
 
 
 def _run_artifacts(report: dict, overlays: dict[str, bytes]) -> dict[str, bytes]:

@@ -1,59 +1,125 @@
-"""The promotion gate: a pure decision from candidate metrics, champion metrics and thresholds.
+"""The promotion gate: a pure decision from per-image evidence, explanation counts and thresholds.
 
 Two kinds of check, as in TFX Evaluator's blessing: **value** checks compare the candidate with a fixed
-bound (macro-F1 floor, per-class recall floor, Grad-CAM nucleus enrichment floor, shortcut flip-rate
-ceiling, optional LIME agreement floor); the **change** check compares it with the current champion
-measured on the *same* test split (non-inferiority: candidate F1 - champion F1 >= -margin). Bounds are
-inclusive, as in MLflow's ``MetricThreshold`` (higher-is-better: value >= threshold). A metric that was
-never measured fails its check: an unexplained model is not promoted. With no champion (first model of a
-task) only the value checks run.
+bound, the **change** check compares it with the current champion on the *same* test images. Every check
+is judged on a one-sided bound at ``thresholds.confidence`` (95%), never on a point estimate:
+
+- macro-F1 floor: percentile-bootstrap lower bound (``bootstrap_resamples``, fixed seed);
+- per-class recall floors: Clopper-Pearson lower bound of hits / support;
+- shortcut ceiling: Clopper-Pearson upper bound of flipped / tested images (the worst intervention);
+- non-inferiority: paired-bootstrap lower bound of F1(candidate) - F1(champion) >= -margin, exact McNemar
+  reported beside it;
+- external validation (``holdout_macro_f1_min`` set): every holdout source's logged lower bound;
+- Grad-CAM nucleus enrichment (and the optional LIME agreement): the sample mean.
+
+Each check says how many images it rests on; fewer than ``min_check_images`` is "insufficient evidence"
+and fails, as does a metric that was never measured. Bounds are inclusive (MLflow's ``MetricThreshold``).
+With no champion (first model of a task) only the value checks run.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.render import render
 from pipelines.core.settings import GateThresholds
+from pipelines.model.evaluate import macro_f1
+from pipelines.trust.statistics import bootstrap_macro_f1, clopper_pearson, mcnemar_exact
 
 CheckKind = Literal["value", "change"]
 
 
 class GateInputError(LeukopsError):
-    """The gate was given metrics it cannot compare (e.g. champion measured on another test split)."""
+    """The gate was given evidence it cannot compare (e.g. champion measured on other test images)."""
+
+
+@dataclass(frozen=True)
+class SplitPredictions:
+    """One model's predicted class for every image of one test split (indices into ``classes``)."""
+
+    classes: tuple[str, ...]
+    sha256: tuple[str, ...]
+    truth: tuple[int, ...]
+    predicted: tuple[int, ...]
+
+    @classmethod
+    def from_labels(cls, classes, sha256, labels, predicted) -> SplitPredictions:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({*labels, *predicted} - set(index))
+        if unknown or not len(sha256) == len(labels) == len(predicted):
+            raise GateInputError(f"test predictions: labels {unknown} not in {list(classes)} or lengths differ")
+        return cls(tuple(classes), tuple(sha256), tuple(index[v] for v in labels), tuple(index[v] for v in predicted))
+
+    def to_json(self) -> str:
+        names = self.classes
+        labels = [names[i] for i in self.truth]
+        return json.dumps(
+            {"classes": list(names), "sha256": list(self.sha256), "label": labels}
+            | {"predicted": [names[i] for i in self.predicted]}
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> SplitPredictions:
+        try:
+            data = json.loads(text)
+            return cls.from_labels(data["classes"], data["sha256"], data["label"], data["predicted"])
+        except (ValueError, KeyError, TypeError, GateInputError) as err:
+            raise GateInputError(f"{where}: not a test-predictions file ({err})") from err
+
+    @property
+    def n(self) -> int:
+        return len(self.sha256)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.truth, dtype=int), np.asarray(self.predicted, dtype=int)
+
+
+@dataclass(frozen=True)
+class HoldoutFigure:
+    """A model's macro-F1 on one external (holdout) source, as logged on its run."""
+
+    source: str
+    macro_f1: float | None
+    f1_low: float | None  # lower end of its 95% bootstrap interval
+    n: int | None
 
 
 @dataclass(frozen=True)
 class CandidateMetrics:
-    """What the gate needs to know about one model (candidate or champion), all on its test split."""
+    """What the gate knows about one model (candidate or champion), on its test split."""
 
     run_id: str
     task: str
     dataset_version: str
     classes: tuple[str, ...]
-    macro_f1: float | None
-    class_recall: dict[str, float | None] = field(default_factory=dict)
+    test: SplitPredictions | None = None
     val_macro_f1: float | None = None
-    f1_ci: tuple[float, float] | None = None
     nucleus_enrichment: float | None = None
+    explain_images: int | None = None  # images the Grad-CAM figures average over
     artefact_mass: float | None = None
-    shortcut_flip_rate: float | None = None
+    shortcut_flips: int | None = None  # flipped predictions under the worst intervention ...
+    shortcut_images: int | None = None  # ... out of this many tested images
     lime_agreement: float | None = None
+    holdout: dict[str, HoldoutFigure] = field(default_factory=dict)  # every registered holdout source
     version: str | None = None
-    origin: str = "logged"  # "logged" by its training run, or "re-evaluated" on another test split
+    origin: str = "logged"  # "logged" with its run, or "re-evaluated" on another test split
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    value: float | None
+    value: float | None  # the judged statistic: a one-sided bound (or the mean, for explanation checks)
     threshold: float
     passed: bool
     kind: CheckKind
     detail: str
+    n: int | None = None  # images the check rests on
+    point: float | None = None  # the point estimate the bound belongs to
 
 
 @dataclass(frozen=True)
@@ -99,59 +165,202 @@ class GateDecision:
         return render("gate_report.md.j2", decision=self)
 
 
-def _floor(name: str, value: float | None, floor: float, what: str) -> Check:
-    if value is None:
-        return Check(name, None, floor, False, "value", f"{what} was not measured")
-    return Check(name, value, floor, value >= floor, "value", f"{what} {value:.4f} must be >= {floor:.4f}")
+@dataclass(frozen=True)
+class _Claim:
+    """One check before judging: what is claimed, by which statistic, on how many images."""
+
+    name: str
+    what: str
+    point: float | None
+    bound: float | None
+    n: int | None
+    how: str  # how the bound was obtained, for the detail
 
 
-def _ceiling(name: str, value: float | None, ceiling: float, what: str) -> Check:
-    if value is None:
-        return Check(name, None, ceiling, False, "value", f"{what} was not measured")
-    return Check(name, value, ceiling, value <= ceiling, "value", f"{what} {value:.4f} must be <= {ceiling:.4f}")
+def _judge(claim: _Claim, threshold: float, t: GateThresholds, *, floor: bool, kind: CheckKind = "value") -> Check:
+    def check(passed: bool, detail: str) -> Check:
+        return Check(claim.name, claim.bound, threshold, passed, kind, detail, claim.n, claim.point)
+
+    if claim.bound is None:
+        return check(False, f"{claim.what} was not measured")
+    rests = "" if claim.n is None else f"; rests on {claim.n} images"
+    if claim.n is not None and claim.n < t.min_check_images:
+        return check(False, f"insufficient evidence: {claim.what} rests on {claim.n} images (< {t.min_check_images})")
+    op, passed = (">=", claim.bound >= threshold) if floor else ("<=", claim.bound <= threshold)
+    return check(
+        passed, f"{claim.what} {_num(claim.point)}, {claim.how} {claim.bound:.4f} must be {op} {threshold:.4f}{rests}"
+    )
+
+
+def _num(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
+
+
+def _bound_name(t: GateThresholds) -> str:
+    return f"one-sided {t.confidence:.0%}"
+
+
+def _macro_f1_claim(cand: CandidateMetrics, t: GateThresholds) -> _Claim:
+    if cand.test is None:
+        return _Claim("macro_f1", "test macro-F1", None, None, None, "")
+    boot = bootstrap_macro_f1(
+        *cand.test.arrays(),
+        len(cand.classes),
+        resamples=t.bootstrap_resamples,
+        seed=t.bootstrap_seed,
+        confidence=t.confidence,
+    )
+    how = f"{_bound_name(t)} lower bound ({boot.resamples} bootstrap resamples, seed {boot.seed})"
+    return _Claim("macro_f1", "test macro-F1", boot.point, boot.lower, boot.n, how)
+
+
+def _recall_claims(cand: CandidateMetrics, t: GateThresholds) -> list[_Claim]:
+    claims = []
+    for index, name in enumerate(cand.classes):
+        what = f"test recall of {name!r}"
+        if cand.test is None:
+            claims.append(_Claim(f"recall[{name}]", what, None, None, None, ""))
+            continue
+        truth, predicted = cand.test.arrays()
+        support = int(np.sum(truth == index))
+        hits = int(np.sum((truth == index) & (predicted == index)))
+        if support == 0:
+            claims.append(_Claim(f"recall[{name}]", what, None, 0.0, 0, ""))
+            continue
+        low = clopper_pearson(hits, support, t.confidence, "lower")[0]
+        how = f"{hits}/{support}, {_bound_name(t)} Clopper-Pearson lower bound"
+        claims.append(_Claim(f"recall[{name}]", what, hits / support, low, support, how))
+    return claims
+
+
+def _shortcut_check(cand: CandidateMetrics, t: GateThresholds) -> Check:
+    flips, n = cand.shortcut_flips, cand.shortcut_images
+    what = "shortcut flip rate"
+    artefact = f"; Grad-CAM artefact mass {_num(cand.artefact_mass)} (reported)"
+    if flips is None or not n:
+        check = _judge(
+            _Claim("shortcut_flip_rate", what, None, None, None, ""), t.shortcut_flip_rate_max, t, floor=False
+        )
+    else:
+        low, high = clopper_pearson(flips, n, t.confidence)
+        upper = clopper_pearson(flips, n, t.confidence, "upper")[1]
+        how = f"{flips}/{n} flipped ({t.confidence:.0%} interval {low:.4f}-{high:.4f}), {_bound_name(t)} upper bound"
+        claim = _Claim("shortcut_flip_rate", what, flips / n, upper, n, how)
+        check = _judge(claim, t.shortcut_flip_rate_max, t, floor=False)
+    return Check(**{**asdict(check), "detail": check.detail + artefact})
+
+
+def _holdout_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
+    floor = t.holdout_macro_f1_min
+    if floor is None:
+        return []
+    if not cand.holdout:
+        claim = _Claim(
+            "holdout", f"macro-F1 on a holdout source of {cand.task!r} (none registered)", None, None, None, ""
+        )
+        return [_judge(claim, floor, t, floor=True)]
+    return [
+        _judge(
+            _Claim(
+                f"holdout[{fig.source}]",
+                f"macro-F1 on holdout source {fig.source!r}",
+                fig.macro_f1,
+                fig.f1_low,
+                fig.n,
+                "lower end of its 95% bootstrap interval",
+            ),
+            floor,
+            t,
+            floor=True,
+        )
+        for fig in cand.holdout.values()
+    ]
 
 
 def _value_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
-    checks = [_floor("macro_f1", cand.macro_f1, t.macro_f1_min, "test macro-F1")]
-    checks += [
-        _floor(f"recall[{cls}]", cand.class_recall.get(cls), t.class_recall_min, f"test recall of {cls!r}")
-        for cls in cand.classes
-    ]
-    checks.append(
-        _floor(
-            "nucleus_enrichment",
-            cand.nucleus_enrichment,
-            t.nucleus_enrichment_min,
-            "Grad-CAM nucleus enrichment",
-        )
+    f1_floor, recall_floor = t.task_floors(cand.task)
+    checks = [_judge(_macro_f1_claim(cand, t), f1_floor, t, floor=True)]
+    checks += [_judge(claim, recall_floor, t, floor=True) for claim in _recall_claims(cand, t)]
+    enrichment = _Claim(
+        "nucleus_enrichment",
+        "Grad-CAM nucleus enrichment",
+        cand.nucleus_enrichment,
+        cand.nucleus_enrichment,
+        cand.explain_images,
+        "sample mean",
     )
-    shortcut = _ceiling("shortcut_flip_rate", cand.shortcut_flip_rate, t.shortcut_flip_rate_max, "shortcut flip rate")
-    artefact = "not measured" if cand.artefact_mass is None else f"{cand.artefact_mass:.4f}"
-    checks.append(replace(shortcut, detail=f"{shortcut.detail}; Grad-CAM artefact mass {artefact} (reported)"))
+    checks.append(_judge(enrichment, t.nucleus_enrichment_min, t, floor=True))
+    checks.append(_shortcut_check(cand, t))
     if t.lime_agreement_min is not None:
-        checks.append(_floor("lime_agreement", cand.lime_agreement, t.lime_agreement_min, "LIME nucleus agreement"))
-    return checks
+        lime = _Claim(
+            "lime_agreement", "LIME nucleus agreement", cand.lime_agreement, cand.lime_agreement, None, "sample mean"
+        )
+        checks.append(_judge(lime, t.lime_agreement_min, t, floor=True))
+    return checks + _holdout_checks(cand, t)
 
 
-def _non_inferiority(cand: CandidateMetrics, champ: CandidateMetrics, margin: float) -> Check:
+def _paired(cand: CandidateMetrics, champ: CandidateMetrics) -> None:
     if cand.dataset_version != champ.dataset_version:
         raise GateInputError(
             f"champion run {champ.run_id} was measured on dataset {champ.dataset_version!r}, the candidate "
             f"{cand.run_id} on {cand.dataset_version!r}: re-evaluate the champion on the candidate's split"
         )
-    if cand.macro_f1 is None or champ.macro_f1 is None:
-        missing = "candidate" if cand.macro_f1 is None else "champion"
-        return Check("non_inferiority", None, -margin, False, "change", f"{missing} test macro-F1 was not measured")
-    delta = cand.macro_f1 - champ.macro_f1
-    return Check(
-        "non_inferiority",
-        delta,
-        -margin,
-        delta >= -margin,
-        "change",
-        f"candidate F1 {cand.macro_f1:.4f} - champion v{champ.version} F1 {champ.macro_f1:.4f} "
-        f"({champ.origin}) = {delta:+.4f} must be >= {-margin:+.4f}",
+    if cand.test and champ.test and (cand.test.sha256, cand.test.truth) != (champ.test.sha256, champ.test.truth):
+        raise GateInputError(
+            f"champion run {champ.run_id} and candidate {cand.run_id} predicted different test images "
+            f"({champ.test.n} vs {cand.test.n}) of dataset {cand.dataset_version!r}: a paired test needs the same"
+        )
+
+
+def _non_inferiority(cand: CandidateMetrics, champ: CandidateMetrics, t: GateThresholds) -> tuple[Check, dict]:
+    _paired(cand, champ)
+    name, margin = "non_inferiority", -t.non_inferiority_margin
+    if cand.test is None or champ.test is None:
+        missing = "candidate" if cand.test is None else "champion"
+        claim = _Claim(name, f"{missing} per-image test predictions", None, None, None, "")
+        return _judge(claim, margin, t, floor=True, kind="change"), {}
+    truth, predicted = cand.test.arrays()
+    baseline = champ.test.arrays()[1]
+    boot = bootstrap_macro_f1(
+        truth,
+        predicted,
+        len(cand.classes),
+        baseline,
+        resamples=t.bootstrap_resamples,
+        seed=t.bootstrap_seed,
+        confidence=t.confidence,
     )
+    test = mcnemar_exact(truth, predicted, baseline)
+    how = (
+        f"{_bound_name(t)} paired-bootstrap lower bound ({boot.resamples} resamples, seed {boot.seed}; exact "
+        f"McNemar p={test.pvalue:.4f}: {test.candidate_only} images only the candidate gets right, "
+        f"{test.baseline_only} only the champion)"
+    )
+    what = f"candidate F1 - champion v{champ.version} F1 ({champ.origin})"
+    check = _judge(_Claim(name, what, boot.point, boot.lower, boot.n, how), margin, t, floor=True, kind="change")
+    reported = {
+        "f1_difference_ci_low": boot.interval[0],
+        "f1_difference_ci_high": boot.interval[1],
+        "mcnemar_pvalue": test.pvalue,
+        "mcnemar_candidate_only": float(test.candidate_only),
+        "mcnemar_champion_only": float(test.baseline_only),
+    }
+    return check, reported
+
+
+def _reported(cand: CandidateMetrics, t: GateThresholds) -> dict[str, float | None]:
+    reported: dict[str, float | None] = {
+        "val_macro_f1": cand.val_macro_f1,
+        "f1_ci_low": None,
+        "f1_ci_high": None,
+        "gradcam_artefact_mass": cand.artefact_mass,
+    }
+    if cand.test is not None:
+        boot = bootstrap_macro_f1(
+            *cand.test.arrays(), len(cand.classes), resamples=t.bootstrap_resamples, seed=t.bootstrap_seed
+        )
+        reported |= {"f1_ci_low": boot.interval[0], "f1_ci_high": boot.interval[1]}
+    return reported
 
 
 def decide(candidate: CandidateMetrics, champion: CandidateMetrics | None, thresholds: GateThresholds) -> GateDecision:
@@ -159,27 +368,26 @@ def decide(candidate: CandidateMetrics, champion: CandidateMetrics | None, thres
     if champion is not None and champion.task != candidate.task:
         raise GateInputError(f"champion is a {champion.task!r} model but the candidate a {candidate.task!r} one")
     checks = _value_checks(candidate, thresholds)
+    reported = _reported(candidate, thresholds)
     if champion is not None:
-        checks.append(_non_inferiority(candidate, champion, thresholds.non_inferiority_margin))
+        change, paired = _non_inferiority(candidate, champion, thresholds)
+        checks.append(change)
+        reported |= paired
+    f1_floor, recall_floor = thresholds.task_floors(candidate.task)
     return GateDecision(
         candidate_run_id=candidate.run_id,
         task=candidate.task,
         dataset_version=candidate.dataset_version,
         checks=tuple(checks),
-        thresholds=thresholds.model_dump(),
+        thresholds=thresholds.model_dump() | {"task_macro_f1_min": f1_floor, "task_class_recall_min": recall_floor},
         champion=None
         if champion is None
         else {
             "version": champion.version,
             "run_id": champion.run_id,
-            "macro_f1": champion.macro_f1,
+            "macro_f1": None if champion.test is None else macro_f1(*champion.test.arrays()),
             "dataset_version": champion.dataset_version,
             "origin": champion.origin,
         },
-        reported={
-            "val_macro_f1": candidate.val_macro_f1,
-            "f1_ci_low": candidate.f1_ci[0] if candidate.f1_ci else None,
-            "f1_ci_high": candidate.f1_ci[1] if candidate.f1_ci else None,
-            "gradcam_artefact_mass": candidate.artefact_mass,
-        },
+        reported=reported,
     )

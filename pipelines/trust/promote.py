@@ -1,9 +1,10 @@
 """Promotion, selection, sign-off and rollback of trained runs; the gate report and model card they leave.
 
-``promote_run`` reads a training run's metrics, finds the task's ``@champion``, re-evaluates it on the
-candidate's test split when the two were measured on different dataset versions, gates the candidate,
-stores the gate report (JSON + markdown) with the candidate's run, registers the run as a version of
-``leukops-<task>`` tagged with the gate's key results, and moves aliases as the very last step:
+``promote_run`` reads a training run's metrics, gathers the per-image test predictions of the candidate
+and of the task's ``@champion`` on the SAME (the candidate's) test images (``pipelines.trust.evidence``:
+cached run artifacts, else forward passes), gates the candidate on one-sided bounds, stores the gate
+report (JSON + markdown) with the candidate's run, registers the run as a version of ``leukops-<task>``
+tagged with the gate's key results, and moves aliases as the very last step:
 
 - passed → ``@champion`` (the old champion becomes ``@previous``); with ``require_approval`` it waits as
   ``@challenger`` until ``approve``;
@@ -17,18 +18,21 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings, get_settings
-from pipelines.core.taxonomy import get_task
-from pipelines.io.layout import GATE_REPORT_JSON, GATE_REPORT_MD, run_model_uri
+from pipelines.io.layout import GATE_REPORT_JSON, GATE_REPORT_MD
 from pipelines.io.registry import Registry, RunRecord, VersionRecord
+from pipelines.trust.evidence import candidate_metrics as evidence_metrics
+from pipelines.trust.evidence import holdout_figures, holdout_sources, required_tag, test_predictions
 from pipelines.trust.gate import CandidateMetrics, GateDecision, decide
 from pipelines.trust.model_card import write_model_card
 
-LIME_METRIC = "lime_nucleus_mass"  # the explain helper's LIME agreement: LIME's positive mass on the nucleus
+if TYPE_CHECKING:
+    from pipelines.io.storage import ObjectStore
+
 KEY_CHECKS = ("macro_f1", "non_inferiority", "nucleus_enrichment", "shortcut_flip_rate")
 
 
@@ -51,17 +55,7 @@ class Promotion:
         return "champion" in self.aliases
 
     def to_dict(self) -> dict[str, Any]:
-        checks = [
-            {
-                "name": c.name,
-                "value": c.value,
-                "threshold": c.threshold,
-                "passed": c.passed,
-                "kind": c.kind,
-                "detail": c.detail,
-            }
-            for c in self.decision.checks
-        ]
+        checks = [asdict(c) for c in self.decision.checks]
         return {
             "promoted": self.promoted,
             "version": int(self.version),
@@ -81,39 +75,9 @@ class Promotion:
 # --- pure pieces ------------------------------------------------------------------------------------
 
 
-def _metric(run: RunRecord, key: str) -> float | None:
-    return run.metrics.get(key)
-
-
-def _required_tag(run: RunRecord, key: str) -> str:
-    if not run.tags.get(key):
-        raise PromotionError(f"run {run.run_id} has no {key!r} tag; only leukops training runs can be promoted")
-    return run.tags[key]
-
-
-def candidate_metrics(run: RunRecord, version: str | None = None) -> CandidateMetrics:
-    """The gate's view of a training run, from the metric and tag names of the tracking contract."""
-    task = get_task(_required_tag(run, "task"))
-    low, high = _metric(run, "test_f1_ci_low"), _metric(run, "test_f1_ci_high")
-    return CandidateMetrics(
-        run_id=run.run_id,
-        task=task.name,
-        dataset_version=_required_tag(run, "dataset_version"),
-        classes=tuple(task.classes),
-        macro_f1=_metric(run, "test_macro_f1"),
-        class_recall={c: _metric(run, f"test_recall_{c}") for c in task.classes},
-        val_macro_f1=_metric(run, "val_macro_f1"),
-        f1_ci=(low, high) if low is not None and high is not None else None,
-        nucleus_enrichment=_metric(run, "gradcam_nucleus_enrichment"),
-        artefact_mass=_metric(run, "gradcam_artefact_mass"),
-        shortcut_flip_rate=_metric(run, "shortcut_flip_rate"),
-        lime_agreement=_metric(run, LIME_METRIC),
-        version=version,
-    )
-
-
 def version_tags(decision: GateDecision, report_uri: str) -> dict[str, str]:
-    """The gate's key results as registry version tags (strings, short enough for MLflow's limits)."""
+    """The gate's key results as registry version tags (strings, short enough for MLflow's limits):
+    ``gate.<check>`` the estimate, ``gate.<check>.bound`` the judged bound, ``gate.<check>.n`` its images."""
     checks = {c.name: c for c in decision.checks}
     tags = {
         "gate.passed": str(decision.passed).lower(),
@@ -124,14 +88,21 @@ def version_tags(decision: GateDecision, report_uri: str) -> dict[str, str]:
         "gate.champion_version": (decision.champion or {}).get("version") or "",
     }
     for name in KEY_CHECKS:
-        if name in checks and checks[name].value is not None:
-            tags[f"gate.{name}"] = f"{checks[name].value:.4f}"
+        check = checks.get(name)
+        if check is not None and check.value is not None:
+            tags[f"gate.{name}.bound"] = f"{check.value:.4f}"
+            if check.point is not None:
+                tags[f"gate.{name}"] = f"{check.point:.4f}"
+            if check.n is not None:
+                tags[f"gate.{name}.n"] = str(check.n)
     return tags
 
 
 def version_description(decision: GateDecision, report_uri: str, ui_url: str) -> str:
     verdict = "passed" if decision.passed else f"refused ({', '.join(decision.failed)})"
-    key = ", ".join(f"{c.name}={_fmt(c.value)}" for c in decision.checks if c.name in KEY_CHECKS)
+    key = ", ".join(
+        f"{c.name}={_fmt(c.point)} (bound {_fmt(c.value)}, n={c.n})" for c in decision.checks if c.name in KEY_CHECKS
+    )
     return (
         f"Gate {verdict} on the test split of dataset {decision.dataset_version}: {key}. "
         f"Gate report: {report_uri} ({ui_url})"
@@ -182,52 +153,32 @@ def _ui_url(settings: Settings, run: RunRecord, artifact: str) -> str:
     return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}/artifacts/{artifact}"
 
 
-def _reevaluated_champion(settings: Settings, champ: CandidateMetrics, dataset_version: str) -> CandidateMetrics:
-    """The champion measured again on the test split of ``dataset_version`` (the candidate's)."""
-    from pipelines.data.snapshot import load_snapshot
-    from pipelines.io.storage import ObjectStore
-    from pipelines.model.bundle import load_model
-    from pipelines.model.evaluate import evaluate_model
-
-    store = ObjectStore.from_settings(settings)
-    snap = load_snapshot(store, champ.task, dataset_version)
-    test = snap.frame[snap.frame["split"] == "test"]
-    if test.empty:
-        raise PromotionError(f"dataset {dataset_version} of task {champ.task} has no test split to re-evaluate on")
-    result = evaluate_model(load_model(run_model_uri(champ.run_id), settings=settings), store, test)
-    return CandidateMetrics(
-        run_id=champ.run_id,
-        task=champ.task,
-        dataset_version=dataset_version,
-        classes=champ.classes,
-        macro_f1=result.macro_f1,
-        class_recall={c: scores.recall for c, scores in result.per_class.items()},
-        f1_ci=(result.f1_ci_low, result.f1_ci_high),
-        version=champ.version,
-        origin="re-evaluated",
-    )
-
-
 def _champion_metrics(
-    registry: Registry, settings: Settings, champion: VersionRecord, dataset_version: str
+    registry: Registry, settings: Settings, store: ObjectStore, champion: VersionRecord, candidate: CandidateMetrics
 ) -> CandidateMetrics:
-    """The champion's metrics on the test split of ``dataset_version``: logged, or measured again there."""
+    """The champion predicted on the candidate's test images (its cache when it was gated on them)."""
     if not champion.run_id:
         raise PromotionError(f"{champion.name} v{champion.version} (@champion) has no training run to compare with")
-    champ = candidate_metrics(registry.read_run(champion.run_id), version=champion.version)
-    if champ.dataset_version == dataset_version:
-        return champ
-    return _reevaluated_champion(settings, champ, dataset_version)
+    run = registry.read_run(champion.run_id)
+    test = test_predictions(registry, settings, store, run.run_id, candidate.task, candidate.dataset_version)
+    champ = evidence_metrics(run, test, version=champion.version)
+    origin = "logged" if champ.dataset_version == candidate.dataset_version else "re-evaluated"
+    return replace(champ, dataset_version=candidate.dataset_version, origin=origin)
 
 
 def _gate(registry: Registry, settings: Settings, run: RunRecord) -> tuple[CandidateMetrics, GateDecision]:
-    candidate = candidate_metrics(run)
-    champion = registry.champion(candidate.task)
+    from pipelines.io.storage import ObjectStore
+
+    store = ObjectStore.from_settings(settings)
+    task, dataset_version = required_tag(run, "task"), required_tag(run, "dataset_version")
+    champion = registry.champion(task)
+    if champion is not None and champion.run_id == run.run_id:
+        raise PromotionError(f"run {run.run_id} is already @champion ({champion.name} v{champion.version})")
+    test = test_predictions(registry, settings, store, run.run_id, task, dataset_version)
+    candidate = evidence_metrics(run, test, holdout_figures(run, holdout_sources(settings, task)))
     if champion is None:
         return candidate, decide(candidate, None, settings.gate)
-    if champion.run_id == run.run_id:
-        raise PromotionError(f"run {run.run_id} is already @champion ({champion.name} v{champion.version})")
-    champ = _champion_metrics(registry, settings, champion, candidate.dataset_version)
+    champ = _champion_metrics(registry, settings, store, champion, candidate)
     return candidate, decide(candidate, champ, settings.gate)
 
 
@@ -282,7 +233,7 @@ def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings |
     runs = [registry.read_run(r) for r in dict.fromkeys(run_ids)]
     if not runs:
         raise PromotionError("no runs to select from")
-    tasks = {_required_tag(r, "task") for r in runs}
+    tasks = {required_tag(r, "task") for r in runs}
     if len(tasks) > 1:
         raise PromotionError(f"runs of several tasks ({', '.join(sorted(tasks))}) cannot be ranked together")
     unranked = [r.run_id for r in runs if "val_macro_f1" not in r.metrics]

@@ -5,6 +5,10 @@ square the model cannot use). The causal test intervenes on the pixels instead: 
 (the bottom-right label box of the ALL set first, then the other corners) it replaces the region by a
 neutral fill, and swaps it with the same region of an image of another class, and measures how many
 predictions flip and how much macro-F1 drops. Pure functions over (predict_fn, images, labels, boxes).
+
+The headline is the worst intervention's flip count k of n images, with its exact binomial interval: the
+gate judges the one-sided 95% upper bound (0 flips in 300 images: 0.0099; in 32 images: 0.089). Cost:
+nine forward passes per image (the original, then fill and swap of each of four corners).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from pipelines.core.corners import LABEL_CORNER, Box, corner_boxes
 from pipelines.core.errors import LeukopsError
 from pipelines.model.evaluate import macro_f1
+from pipelines.trust.statistics import clopper_pearson
 
 PredictFn = Callable[[list[np.ndarray]], np.ndarray]
 BoxesFn = Callable[[int, int], Mapping[str, Box]]
@@ -79,11 +84,12 @@ def swap_region(
 
 @dataclass(frozen=True)
 class Effect:
-    """What one intervention did: share of flipped predictions and the macro-F1 before/after."""
+    """What one intervention did: flipped predictions (count and share) and the macro-F1 before/after."""
 
     flip_rate: float
     macro_f1_before: float
     macro_f1_after: float
+    flips: int = 0
 
     @property
     def f1_drop(self) -> float:
@@ -95,6 +101,7 @@ def intervention_effect(labels: np.ndarray, before: np.ndarray, after: np.ndarra
         flip_rate=float(np.mean(before != after)),
         macro_f1_before=macro_f1(labels, before),
         macro_f1_after=macro_f1(labels, after),
+        flips=int(np.sum(before != after)),
     )
 
 
@@ -118,6 +125,16 @@ class ShortcutReport:
         return self.worst[2].flip_rate
 
     @property
+    def flips(self) -> int:
+        return self.worst[2].flips
+
+    def flip_bounds(self, confidence: float = 0.95) -> dict[str, float]:
+        """The worst flip rate's exact (Clopper-Pearson) interval and one-sided upper bound, the gate's."""
+        low, high = clopper_pearson(self.flips, self.n_images, confidence)
+        upper = clopper_pearson(self.flips, self.n_images, confidence, "upper")[1]
+        return {"flip_rate_ci_low": low, "flip_rate_ci_high": high, "flip_rate_upper": upper}
+
+    @property
     def worst_f1(self) -> tuple[str, str, Effect]:
         return max(
             ((region, kind, eff) for region, by_kind in self.effects.items() for kind, eff in by_kind.items()),
@@ -133,6 +150,8 @@ class ShortcutReport:
         f1_region, f1_kind, _ = self.worst_f1
         return {
             "flip_rate": self.flip_rate,
+            "flips": self.flips,
+            **self.flip_bounds(),
             "f1_drop": self.f1_drop,
             "worst_region": region,
             "worst_intervention": kind,

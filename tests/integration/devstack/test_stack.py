@@ -1,9 +1,10 @@
-"""The embedded local stack and the storage adapter against the real SeaweedFS + MLflow servers."""
+"""The embedded local stack (SeaweedFS, Postgres, Redis, MLflow) and the storage adapter against it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import mlflow
 import pytest
 
 from pipelines.core.settings import Settings
+from pipelines.devstack import postgres
 from pipelines.devstack.processes import StackError
 from pipelines.devstack.stack import LocalStack
 from pipelines.io import layout
 from pipelines.io.storage import BucketMissingError, ObjectStore, StorageAuthError, sha256_hex
-from tests.conftest import _free_port_block
+from tests.conftest import _free_port_block, searchable
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -26,12 +28,42 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_status_json_reports_both_healthy(stack):
+def test_status_json_reports_every_component(stack):
     result = _cli("stack", "status", "--json")
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
-    assert status["s3"]["healthy"] is True and status["mlflow"]["healthy"] is True
+    assert all(status[name]["healthy"] is True for name in ("s3", "postgres", "redis", "mlflow")), status
     assert status["s3"]["endpoint"] == os.environ["LEUKOPS_S3_ENDPOINT"]
+    assert status["airflow"]["url"] == os.environ["LEUKOPS_AIRFLOW_URL"]
+    assert isinstance(status["airflow"]["healthy"], bool)
+
+
+def test_postgres_runs_unprivileged_and_holds_the_mlflow_store(stack):
+    pid = stack.processes.pid("postgres")
+    owner = Path(f"/proc/{pid}").stat().st_uid
+    assert owner != 0 or os.geteuid() != 0  # Postgres refuses root: as root we run it as its system user
+    assert (stack.postgres.data_dir.stat().st_mode & 0o777) == 0o700
+    assert stack.postgres.data_dir.stat().st_uid == owner
+    tables = stack.postgres.psql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'runs'", "mlflow")
+    assert tables == "1"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Postgres runs as its own system user only when we are root")
+def test_binaries_the_server_user_cannot_reach_run_from_a_public_copy(settings, tmp_path, monkeypatch):
+    home = tmp_path / "home"  # a clone under /root: a dir the server user cannot enter
+    shutil.copytree(postgres.wheel_install_dir(), home / "pginstall", symlinks=True)
+    home.chmod(0o700)
+    monkeypatch.setattr(postgres, "wheel_install_dir", lambda: home / "pginstall")
+    cache = searchable(tmp_path) / "cache"
+    cache.mkdir()
+    server = postgres.Postgres(settings, tmp_path)
+    bin_dir = server.server_bin_dir(cache)
+    assert bin_dir.parent.parent == cache, bin_dir
+    version = subprocess.run(
+        [*server._run_as(), str(bin_dir / "postgres"), "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
+    assert server.server_bin_dir(cache) == bin_dir  # copied once, then reused
 
 
 def test_json_and_parquet_round_trip(store):
@@ -83,7 +115,7 @@ def _isolated_settings(tmp_path: Path) -> Settings:
     s3_port, mlflow_port = _free_port_block()
     return Settings(
         profile="dev",
-        state_dir=tmp_path / "state",
+        state_dir=searchable(tmp_path) / "state",
         s3_endpoint=f"http://127.0.0.1:{s3_port}",
         mlflow_tracking_uri=f"http://127.0.0.1:{mlflow_port}",
         _env_file=None,
@@ -106,7 +138,7 @@ def test_down_stops_everything_it_started_and_data_persists(tmp_path):
     local.up()
     ObjectStore.from_settings(settings).put_bytes("persist/me.txt", b"still here")
     pids = local.pids()
-    assert set(pids) == {"s3", "mlflow"}
+    assert set(pids) == {"s3", "postgres", "redis", "mlflow"}
     groups = {os.getpgid(pid) for pid in pids.values()}
     local.down()
     assert local.pids() == {}

@@ -45,7 +45,7 @@ def _ingest(settings, store, name: str, folder: Path, role: str = "train", tasks
 
 @pytest.fixture(scope="module")
 def trained(stack, settings, store, shared_data, tmp_path_factory) -> CandidateSummary:
-    """One real transfer-learned run: 40 images, 64 px, head-only epoch then a fine-tuning epoch."""
+    """One real transfer-learned run: 40 images, 64 px, head-only epoch then a full fine-tuning epoch."""
     from pipelines.model.candidate import train_candidate
 
     folder = _copy_images(shared_data, tmp_path_factory.mktemp("taleqani"), per_class=10, offset=0)
@@ -94,6 +94,9 @@ def test_training_run_is_logged_with_contract_metrics_tags_and_artifacts(trained
     assert any(k.startswith("test_recall_") for k in metrics)
     assert metrics["image_size"] == 64 and metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 40
     assert run.data.params["train.epochs"] == "2"
+    # the recipe fields the call left out come from settings.retrain (the one source of defaults)
+    assert run.data.params["train.ema_decay"] == str(settings.retrain.ema_decay)
+    assert run.data.params["train.layer_lr_floor"] == str(settings.retrain.layer_lr_floor)
     history = client.get_metric_history(trained.run_id, "epoch/val_macro_f1")
     assert sorted(m.step for m in history) == [0, 1]
     assert metrics["val_macro_f1"] == pytest.approx(max(m.value for m in history))

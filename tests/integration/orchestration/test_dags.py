@@ -18,20 +18,22 @@ from pipelines.devstack import airflow_local
 
 DAGS = Path(__file__).resolve().parents[3] / "dags"
 TASK = "all_subtypes"
-# Tiny, fast grid; thresholds low enough that the plumbing, not the model, is what this test checks
-# (the gate's decisions have their own tests).
-RETRAIN_ENV = {
-    "LEUKOPS_RETRAIN__TASKS": f'["{TASK}"]',
-    "LEUKOPS_RETRAIN__BACKBONES": '["efficientnet_lite0"]',
-    "LEUKOPS_RETRAIN__AUGMENTATIONS": '["none"]',
-    "LEUKOPS_RETRAIN__EPOCHS": "2",
-    "LEUKOPS_RETRAIN__IMAGE_SIZE": "64",
-    "LEUKOPS_RETRAIN__BATCH_SIZE": "16",
-    "LEUKOPS_RETRAIN__EXPLAIN_SAMPLES": "8",
-    "LEUKOPS_GATE__MACRO_F1_MIN": "0.0",
-    "LEUKOPS_GATE__CLASS_RECALL_MIN": "0.0",
-    "LEUKOPS_GATE__NUCLEUS_ENRICHMENT_MIN": "0.0",
-    "LEUKOPS_GATE__SHORTCUT_FLIP_RATE_MAX": "1.0",
+# Tiny, fast grid in the retrain run's conf (as a caller passes it, so every worker sees it); thresholds low
+# enough that the plumbing, not the model, is what this test checks (the gate's decisions have their own
+# tests). The second backbone is off the allow-list: that cell fails at once and the gate goes on without it.
+RETRAIN_CONF = {
+    "tasks": [TASK],
+    "backbones": ["efficientnet_lite0", "no_such_backbone"],
+    "augmentations": ["none"],
+    "epochs": 2,
+    "image_size": 64,
+    "batch_size": 16,
+    "explain_samples": 8,
+    "macro_f1_min": 0.0,
+    "class_recall_min": 0.0,
+    "nucleus_enrichment_min": 0.0,
+    "shortcut_flip_rate_max": 1.0,
+    "min_check_images": 1,
 }
 
 
@@ -68,17 +70,33 @@ def test_no_heavy_imports_at_parse_time(settings):
 def test_retrain_structure_maps_training_on_the_gpu_queue_and_pool(settings):
     from airflow.dag_processing.dagbag import DagBag
 
-    dag = DagBag(str(DAGS)).dags["leukops_nightly_retrain"]
+    bag = DagBag(str(DAGS))
+    dag = bag.dags["leukops_nightly_retrain"]
     train = dag.get_task("train")
     assert (train.queue, train.pool) == ("gpu", "gpu")
     assert type(train).__name__.endswith("MappedOperator")  # dynamic task mapping over the grid
     assert dag.max_active_runs == 1 and dag.catchup is False
-    assert set(dag.params) == {"force", "reason"}
+    assert {"force", "reason", "epochs", "backbones", "macro_f1_min", "class_recall_min"} <= set(dag.params)
     assert [t.task_id for t in dag.topological_sort()] == ["snapshot", "plan", "train", "explain", "gate_and_promote"]
     assert dag.get_task("explain").retries >= 1
-    ingest = DagBag(str(DAGS)).dags["leukops_ingest"]
+    assert dag.get_task("gate_and_promote").trigger_rule == "all_done_min_one_success"
+    ingest = bag.dags["leukops_ingest"]
     assert ingest.get_task("publish_accepted").retries == 0  # deterministic validation verdict: no retry
     assert ingest.get_task("ingest_and_validate").retries >= 1
+
+
+def test_every_dag_documents_itself_and_every_task_alerts_and_has_a_timeout(settings):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipelines.orchestration.notifiers import LeukopsAlertNotifier
+
+    for dag in DagBag(str(DAGS)).dags.values():
+        assert dag.doc_md and dag.dag_id in dag.doc_md
+        for task in dag.tasks:
+            assert task.execution_timeout is not None, (dag.dag_id, task.task_id)
+            callbacks = task.on_failure_callback or []
+            assert any(isinstance(c, LeukopsAlertNotifier) for c in callbacks), (dag.dag_id, task.task_id)
+            assert task.doc_md, (dag.dag_id, task.task_id)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +110,7 @@ def airflow_settings(stack, settings, tmp_path_factory):
         "LEUKOPS_REGISTERED_MODEL_PREFIX": "dagtest",
     }
     with pytest.MonkeyPatch.context() as env:
-        for key, value in (RETRAIN_ENV | isolation).items():
+        for key, value in isolation.items():
             env.setenv(key, value)
         get_settings.cache_clear()
         local = get_settings()
@@ -108,8 +126,8 @@ def airflow_settings(stack, settings, tmp_path_factory):
 @pytest.fixture(scope="module")
 def retrain_runs(airflow_settings):
     ingest = airflow_local.dags_test(airflow_settings, DAGS, "leukops_ingest")
-    first = airflow_local.dags_test(airflow_settings, DAGS, "leukops_nightly_retrain")
-    second = airflow_local.dags_test(airflow_settings, DAGS, "leukops_nightly_retrain")
+    first = airflow_local.dags_test(airflow_settings, DAGS, "leukops_nightly_retrain", RETRAIN_CONF)
+    second = airflow_local.dags_test(airflow_settings, DAGS, "leukops_nightly_retrain", RETRAIN_CONF)
     return ingest, first, second
 
 
@@ -126,10 +144,12 @@ def test_retrain_dag_registers_a_champion_with_gate_report(retrain_runs, airflow
 
     _, first, _ = retrain_runs
     assert first.state == "success", first.log_path.read_text()[-3000:]
-    assert first.task_states["train"] == ["success"]
+    assert sorted(first.task_states["train"]) == ["failed", "success"], first.task_states  # only the bad cell failed
+    assert "unknown backbone 'no_such_backbone'" in first.log_path.read_text()
     outcome = airflow_local.task_return(airflow_settings, "leukops_nightly_retrain", first.run_id, "gate_and_promote")
     promoted = outcome[0][TASK]
     assert promoted["promoted"] is True
+    assert promoted["failed_candidates"] == [f"{first.run_id}/{TASK}/no_such_backbone/none"]
     registry = Registry.from_settings(airflow_settings)
     champion = registry.aliases(TASK)["champion"]
     assert str(champion) == str(promoted["version"])

@@ -1,9 +1,10 @@
 """Promotion, rollback, sign-off and alias safety on the real local MLflow server.
 
 Candidate runs are real MLflow runs with a real (untrained, tiny) leukops model logged through
-``pipelines.model.pyfunc.log_model`` and the metric/tag names of the tracking contract; their metrics are set
-directly so each scenario (worse, better, shortcut) is exact; one run gets its explanation metrics from
-the real ``explain.explain_run``, and the champion is re-evaluated with the real ``evaluate_model``.
+``pipelines.model.pyfunc.log_model`` and the metric/tag names of the tracking contract; their explanation
+counts and per-image test predictions (the gate's evidence artifact, ``layout.gate_predictions_path``) are
+scripted so each scenario (worse, better, shortcut) is exact; one run gets its explanation metrics from
+the real ``explain.explain_run``, and where no predictions are logged the gate predicts the real images.
 Every test gets its own registered-model prefix: the runs are shared, each registry starts empty.
 """
 
@@ -23,7 +24,9 @@ from pipelines.core.settings import GateThresholds
 from pipelines.io import layout
 from pipelines.io.registry import Registry, RegistryError
 from pipelines.io.storage import sha256_hex
+from pipelines.trust.gate import SplitPredictions
 from pipelines.trust.promote import approve, list_models, promote_run, rollback, select_and_promote
+from pipelines.trust.statistics import clopper_pearson
 
 TASK = "binary_all"
 CLASSES = ("ALL", "Healthy")
@@ -31,29 +34,45 @@ DATASET = "ds-test-v1"
 GROWN_DATASET = "ds-test-v2"  # the test split grew: the champion must be re-evaluated on it
 
 
-def _metrics(f1: float, val: float, flip: float = 0.02, recall: float = 0.85) -> dict[str, float]:
+TEST_IMAGES = 100  # per class, in the scripted test predictions
+
+
+def _metrics(f1: float, val: float, flips: int = 0) -> dict[str, float]:
     return {
         "val_macro_f1": val,
         "test_macro_f1": f1,
         "test_accuracy": f1,
         "test_f1_ci_low": f1 - 0.05,
         "test_f1_ci_high": min(f1 + 0.05, 1.0),
-        **{f"test_recall_{c}": recall for c in CLASSES},
+        **{f"test_recall_{c}": f1 for c in CLASSES},
         "gradcam_nucleus_enrichment": 2.1,
-        "gradcam_artefact_mass": 0.5 if flip > 0.2 else 0.04,
-        "shortcut_flip_rate": flip,
+        "gradcam_n_images": 32,
+        "gradcam_artefact_mass": 0.5 if flips > 30 else 0.04,
+        "shortcut_flip_rate": flips / 300,
+        "shortcut_flips": flips,
+        "shortcut_n_images": 300,
     }
 
 
+def _predictions(hits: int) -> SplitPredictions:
+    """TEST_IMAGES per class, the first ``hits`` of each right (the same images for every scenario)."""
+    labels = [c for c in CLASSES for _ in range(TEST_IMAGES)]
+    predicted = [c if i % TEST_IMAGES < hits else CLASSES[CLASSES.index(c) - 1] for i, c in enumerate(labels)]
+    return SplitPredictions.from_labels(CLASSES, [f"{i:064x}" for i in range(len(labels))], labels, predicted)
+
+
+HITS = {"good": 92, "worse": 80, "better": 97, "shortcut": 99}
 CANDIDATES = {
-    "good": _metrics(0.85, 0.84),
+    "good": _metrics(0.92, 0.84),
     "worse": _metrics(0.80, 0.83),
-    "better": _metrics(0.90, 0.88),
-    "shortcut": _metrics(0.97, 0.96, flip=0.45),
+    "better": _metrics(0.97, 0.88),
+    "shortcut": _metrics(0.99, 0.96, flips=135),
 }
 
 
-def _log_candidate(settings, name: str, metrics: dict[str, float], dataset: str = DATASET) -> str:
+def _log_candidate(
+    settings, name: str, metrics: dict[str, float], dataset: str = DATASET, hits: int | None = None
+) -> str:
     from pipelines.io.tracking import TrainingTracker
     from pipelines.model.backbones import create_backbone
     from pipelines.model.bundle import ModelBundle
@@ -73,6 +92,8 @@ def _log_candidate(settings, name: str, metrics: dict[str, float], dataset: str 
     with TrainingTracker(settings, run_key=f"promote-test-{name}-{uuid.uuid4().hex}", run_name=name, tags=tags) as run:
         run.log_metrics(metrics)
         log_model(run, bundle, backbone.model.state_dict(), image)
+        if hits is not None:
+            run.log_text(_predictions(hits).to_json(), layout.gate_predictions_path(dataset))
     return run.run_id
 
 
@@ -95,7 +116,7 @@ def snapshots(store, shared_data) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def runs(stack, settings, snapshots) -> dict[str, str]:
-    logged = {name: _log_candidate(settings, name, m) for name, m in CANDIDATES.items()}
+    logged = {name: _log_candidate(settings, name, m, hits=HITS[name]) for name, m in CANDIDATES.items()}
     # trained on the grown dataset and not explained yet (test_explanation_metrics... explains it)
     unexplained = {k: v for k, v in _metrics(0.86, 0.85).items() if not k.startswith(("gradcam_", "shortcut_"))}
     logged["grown"] = _log_candidate(settings, "grown", unexplained, dataset=GROWN_DATASET)
@@ -132,7 +153,7 @@ def test_first_candidate_becomes_champion_with_report_card_and_audit(runs, fresh
     assert version.audit[0]["after"] == {"champion": "1"} and version.audit[0]["who"]
     client = MlflowClient(fresh.mlflow_tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(runs["good"], "gate")}
-    assert artifacts == {"gate/report.json", "gate/report.md"}
+    assert artifacts == {"gate/predictions", "gate/report.json", "gate/report.md"}
     card = client.download_artifacts(runs["good"], "model_card.md")
     text = open(card).read()
     assert text.startswith(f"# Model card: {fresh.registered_model_name(TASK)} v1")
@@ -143,7 +164,8 @@ def test_first_candidate_becomes_champion_with_report_card_and_audit(runs, fresh
         "`ALL`",
         DATASET,
         "custom_cnn",
-        "95% CI 0.800–0.900",
+        "95% CI 0.870–0.970",
+        "| macro_f1 | value | 200 |",
         "| ALL |",
         "pretrained=false",
     ):
@@ -160,9 +182,12 @@ def test_champion_is_re_evaluated_on_the_candidates_grown_test_split(runs, fresh
     assert champion["origin"] == "re-evaluated" and champion["dataset_version"] == GROWN_DATASET
     expected = evaluate_model(load_model(f"runs:/{runs['good']}/model"), store, snapshots).macro_f1
     assert champion["macro_f1"] == pytest.approx(expected), "the champion's F1 on the candidate's test split"
+    grown = evaluate_model(load_model(f"runs:/{runs['grown']}/model"), store, snapshots).macro_f1
     check = next(c for c in result["checks"] if c["name"] == "non_inferiority")
-    assert check["value"] == pytest.approx(0.86 - expected) and "re-evaluated" in check["detail"]
-    assert check["passed"] == (0.86 - expected >= -0.02)
+    assert check["point"] == pytest.approx(grown - expected) and "re-evaluated" in check["detail"]
+    assert check["n"] == 8 and not check["passed"] and "insufficient evidence" in check["detail"]
+    cached = Registry.from_settings(fresh).read_text(runs["good"], layout.gate_predictions_path(GROWN_DATASET))
+    assert SplitPredictions.from_json(cached, "cache").n == 8, "the champion's predictions on the new split are kept"
 
 
 def test_explanation_metrics_come_from_the_real_explain_run(runs, fresh, settings):
@@ -174,11 +199,23 @@ def test_explanation_metrics_come_from_the_real_explain_run(runs, fresh, setting
     assert next(c for c in before["checks"] if c["name"] == "nucleus_enrichment")["value"] is None
     report = explain_run(runs["grown"], samples=8, lime_images=0)  # LIME is the explain tests' cost
     # an untrained model localizes nothing: open the explanation bounds so that the card gets written
-    lenient = fresh.model_copy(update={"gate": GateThresholds(nucleus_enrichment_min=0.0, shortcut_flip_rate_max=1.0)})
+    lenient = fresh.model_copy(
+        update={
+            "gate": GateThresholds(
+                nucleus_enrichment_min=0.0,
+                shortcut_flip_rate_max=1.0,
+                macro_f1_min=0.0,
+                class_recall_min=0.0,
+                min_check_images=0,
+            )
+        }
+    )
     after = promote_run(runs["grown"], "explained", lenient)
     assert after["promoted"]
     checks = {c["name"]: c for c in after["checks"]}
-    assert checks["shortcut_flip_rate"]["value"] == pytest.approx(report["shortcut"]["flip_rate"])
+    assert checks["shortcut_flip_rate"]["point"] == pytest.approx(report["shortcut"]["flip_rate"])
+    assert checks["shortcut_flip_rate"]["value"] == pytest.approx(report["shortcut"]["flip_rate_upper"])
+    assert checks["shortcut_flip_rate"]["n"] == 8, "min(|test split|, 300) images"
     assert checks["nucleus_enrichment"]["value"] == pytest.approx(report["gradcam"]["nucleus_enrichment"])
     assert after["version"] == before["version"], "the same run keeps its version; its gate tags are updated"
     version = Registry.from_settings(fresh).version(TASK, str(after["version"]))
@@ -192,7 +229,8 @@ def test_worse_candidate_is_refused_and_champion_stays(runs, fresh):
     result = promote_run(runs["worse"], "nightly", fresh)
     assert not result["promoted"] and result["failed"] == ["non_inferiority"]
     check = next(c for c in result["checks"] if c["name"] == "non_inferiority")
-    assert check["value"] == pytest.approx(-0.05) and check["threshold"] == pytest.approx(-0.02)
+    assert check["point"] == pytest.approx(0.80 - 0.92) and check["threshold"] == pytest.approx(-0.02)
+    assert check["value"] < check["point"] and check["n"] == 2 * TEST_IMAGES and "McNemar" in check["detail"]
     assert _aliases(fresh) == {"champion": "1", "challenger": "2"}, "passed value checks: kept as challenger"
     shortcut = promote_run(runs["shortcut"], "nightly", fresh)
     assert not shortcut["promoted"] and shortcut["aliases"] == [], "failed a value check: no alias"
@@ -223,7 +261,8 @@ def test_shortcut_candidate_is_refused_by_the_shortcut_check_and_clean_one_passe
     shortcut = promote_run(runs["shortcut"], "nightly", fresh)
     assert not shortcut["promoted"] and shortcut["failed"] == ["shortcut_flip_rate"]
     check = next(c for c in shortcut["checks"] if c["name"] == "shortcut_flip_rate")
-    assert check["value"] == pytest.approx(0.45) and "artefact mass 0.5000" in check["detail"]
+    assert check["point"] == pytest.approx(0.45) and "artefact mass 0.5000" in check["detail"]
+    assert check["value"] == pytest.approx(clopper_pearson(135, 300, side="upper")[1])
     assert "champion" not in _aliases(fresh)
     clean = promote_run(runs["better"], "nightly", fresh)
     assert clean["promoted"]

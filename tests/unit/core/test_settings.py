@@ -27,7 +27,14 @@ def no_secrets(monkeypatch):
 
 def test_env_names_follow_the_nested_delimiter():
     assert env_name("serving.token") == "LEUKOPS_SERVING__TOKEN"
-    assert SECRET_VARS == ["LEUKOPS_S3_ACCESS_KEY", "LEUKOPS_S3_SECRET_KEY", "LEUKOPS_SERVING__TOKEN"]
+    assert SECRET_VARS == [
+        "LEUKOPS_S3_ACCESS_KEY",
+        "LEUKOPS_S3_SECRET_KEY",
+        "LEUKOPS_SERVING__TOKEN",
+        "LEUKOPS_POSTGRES_PASSWORD",
+        "LEUKOPS_REDIS_PASSWORD",
+        "LEUKOPS_AIRFLOW_ADMIN_PASSWORD",
+    ]
 
 
 def test_dev_profile_fills_dev_secrets(no_secrets):

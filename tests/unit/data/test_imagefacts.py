@@ -12,7 +12,7 @@ from pipelines.data.imagefacts import (
     image_facts,
     perceptual_hash,
 )
-from pipelines.data.snapshot import hamming_to_all, phash_ints
+from pipelines.data.ledger import hamming_to_all, phash_ints
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -12,17 +12,20 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipelines.data.groups import GroupSpec
 from pipelines.data.imagefacts import FACT_COLUMNS, decode_image, perceptual_hash
-from pipelines.data.snapshot import (
+from pipelines.data.ledger import (
     NEAR_DUPLICATE_BITS,
-    SnapshotError,
     assign_splits,
-    build_snapshot,
-    dataset_version,
     empty_ledger,
     hamming_to_all,
     hash_split,
     phash_ints,
+)
+from pipelines.data.snapshot import (
+    SnapshotError,
+    build_snapshot,
+    dataset_version,
     split_warnings,
     training_candidates,
 )
@@ -170,3 +173,110 @@ def test_no_candidates_is_a_clear_error() -> None:
     empty = pd.DataFrame(columns=["sha256", "label", "source"])
     with pytest.raises(SnapshotError, match="no accepted images"):
         build_snapshot(TASK, empty, set(), empty_ledger(), {})
+
+
+# -- groups and ledger versions (synthetic file lists: fast, and the near-duplicates are planted) --------
+
+ALL_PATTERN = r"regex:^([^/]+)/.*?(?P<key>\d+)\.\w+$"
+CLASSES = ("Benign", "Early", "Pre", "Pro")
+
+
+def synthetic_rows(numbers: range, run: int, seed: int = 0, source: str = "lab-a") -> pd.DataFrame:
+    """ALL-style file names; every ``run`` consecutive numbers are near-identical captures (≤ 4 bits apart)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label in CLASSES:
+        base = 0
+        for n in numbers:
+            if n % run == 0:
+                base = int(rng.integers(0, 2**63))
+            flipped = base ^ (1 << int(rng.integers(0, 64))) ^ (1 << int(rng.integers(0, 64)))
+            path = f"{label}/WBC-{label}-{n:03d}.jpg"
+            sha = sha256_hex(f"{source}/{path}".encode())
+            rows.append(
+                {"sha256": sha, "key": layout.raw_key(sha, "jpg"), "label": label, "source": source, "path": path}
+                | {"phash": f"{flipped:016x}", "patient_id": None, **dict.fromkeys(FACT_COLUMNS, 1.0)}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_no_group_straddles_splits_even_when_near_duplicates_cross_block_edges() -> None:
+    rows = synthetic_rows(range(200), run=7)  # runs of 7 cross block edges at 20, 40, ...
+    result = build_snapshot(TASK, rows, set(), empty_ledger(), {"lab-a": GroupSpec(ALL_PATTERN, 20)})
+    frame = result.snapshot.frame
+    assert frame["group"].notna().all() and frame.groupby("group")["split"].nunique().max() == 1
+    assert result.groups["n_groups"] == 4 * 10 and result.groups["groups_straddling_splits"] == 0
+    assert result.groups["near_duplicate_pairs_across_splits"] == 0
+    assert result.groups["largest_group_share"] == pytest.approx(20 / 800)
+    assert sum(result.groups["groups_per_split"].values()) == 40
+    per_image = build_snapshot(TASK, rows, set(), empty_ledger(), {})
+    assert per_image.groups["n_groups"] == 800  # an ungrouped image is a group of its own
+
+
+def test_new_groups_give_every_class_a_val_and_a_test_part() -> None:
+    rows = synthetic_rows(range(100), run=1)  # no near-duplicates: the balance alone places groups
+    result = build_snapshot(TASK, rows, set(), empty_ledger(), {"lab-a": GroupSpec(ALL_PATTERN, 10)})
+    groups = result.snapshot.frame.groupby(["label", "split"])["group"].nunique().unstack(fill_value=0)
+    assert (groups[["val", "test"]] >= 1).all().all(), groups
+    assert all(abs(share["train"] - 0.8) <= 0.1 for share in result.shares.values())
+    assert set(result.ledger["assigned_by"]) == {"group_balance"}
+
+
+def test_groups_win_over_per_image_near_duplicate_inheritance() -> None:
+    rows = synthetic_rows(range(40), run=1)
+    spec = {"lab-a": GroupSpec(ALL_PATTERN, 20)}
+    first = build_snapshot(TASK, rows[rows["path"].str.endswith("-000.jpg")], set(), empty_ledger(), spec)
+    group_split = first.snapshot.frame.set_index("group")["split"]
+    elsewhere = "test" if group_split["lab-a:Pro/0"] != "test" else "val"
+    planted = rows[rows["path"] == "Pro/WBC-Pro-005.jpg"].assign(
+        sha256="planted", source="lab-b", path="x.jpg", label="Pro"
+    )  # bytes of another source, pHash identical to Pro 005, placed in another split
+    ledger = pd.concat([first.ledger, planted.assign(split=elsewhere, group=None)[list(first.ledger.columns[:6])]])
+    second = build_snapshot(TASK, rows, set(), ledger.reset_index(drop=True), spec)
+    pro_005 = rows.set_index("path").loc["Pro/WBC-Pro-005.jpg", "sha256"]
+    assert second.snapshot.frame.set_index("sha256").loc[pro_005, "split"] == group_split["lab-a:Pro/0"] != elsewhere
+    assert second.ledger.set_index("sha256").loc[pro_005, "assigned_by"] == "group"
+
+
+def test_a_new_group_follows_the_split_its_near_duplicates_have() -> None:
+    rows = synthetic_rows(range(20), run=20)  # one run per class: all near-duplicates of each other
+    old = rows[rows["path"].str.endswith("-003.jpg")].assign(
+        source="lab-old", path="old.jpg", sha256=lambda f: "o" + f["sha256"]
+    )
+    first = build_snapshot(TASK, old, set(), empty_ledger(), {})
+    forced = first.ledger.assign(split="test")
+    second = build_snapshot(TASK, pd.concat([old, rows]), set(), forced, {"lab-a": GroupSpec(ALL_PATTERN, 20)})
+    fresh = second.snapshot.frame[second.snapshot.frame["source"] == "lab-a"]
+    assert set(fresh["split"]) == {"test"}
+
+
+def test_a_changed_grouping_starts_a_new_ledger_version_and_keeps_the_old_rows() -> None:
+    a, b = synthetic_rows(range(60), run=1), synthetic_rows(range(60), run=1, seed=1, source="lab-b")
+    rows = pd.concat([a, b], ignore_index=True)
+    ungrouped = {"lab-a": GroupSpec(), "lab-b": GroupSpec()}
+    first = build_snapshot(TASK, rows, set(), empty_ledger(), ungrouped)
+    assert first.ledger_version == 1 and not first.regrouped
+    by_block = {**ungrouped, "lab-a": GroupSpec(ALL_PATTERN, 20)}
+    second = build_snapshot(TASK, rows, set(), first.ledger, by_block)
+    assert second.ledger_version == 2 and set(second.regrouped) == {"lab-a"}
+    assert second.regrouped["lab-a"]["to"] == by_block["lab-a"].spec
+    versions = second.ledger["ledger_version"].value_counts()
+    assert versions[1] == versions[2] == len(rows)  # old rows kept for audit, every image in the new one
+    old, new = (second.ledger[second.ledger["ledger_version"] == v].set_index("sha256") for v in (1, 2))
+    b_shas = b["sha256"]
+    assert (new.loc[b_shas, "split"] == old.loc[b_shas, "split"]).all()  # untouched source keeps its splits
+    assert second.snapshot.frame.groupby("group")["split"].nunique().max() == 1
+    assert second.snapshot.version != first.snapshot.version
+    again = build_snapshot(TASK, rows, set(), second.ledger, by_block)
+    assert again.ledger_version == 2 and again.new_in_ledger == 0 and not again.ledger_changed
+    assert again.snapshot.version == second.snapshot.version and set(again.regrouped) == {"lab-a"}
+
+
+def test_a_ledger_without_recorded_groupings_adopts_the_current_ones() -> None:
+    rows = synthetic_rows(range(30), run=1)
+    first = build_snapshot(TASK, rows, set(), empty_ledger(), {})
+    legacy = first.ledger.drop(columns=["grouping", "ledger_version"])
+    spec = {"lab-a": GroupSpec(ALL_PATTERN, 20)}
+    upgraded_once = build_snapshot(TASK, rows, set(), legacy, spec)
+    assert upgraded_once.ledger_version == 1 and upgraded_once.ledger_changed and upgraded_once.new_in_ledger == 0
+    assert set(upgraded_once.ledger["grouping"]) == {spec["lab-a"].spec}

@@ -184,21 +184,6 @@ def test_pretrained_uses_the_hf_cache_when_the_file_is_there(empty_caches: Path)
     assert torch.equal(backbone.model.encoder.conv_stem.weight, cached["conv_stem.weight"])
 
 
-def test_two_stage_fine_tuning_switches() -> None:
-    backbone = create_backbone("efficientnet_lite0", 3, image_size=64)
-    backbone.freeze_encoder()
-    trainable = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in backbone.model.named_parameters() if n.startswith("head.")}
-
-    assert backbone.unfreeze_last_blocks(1) > 0
-    trainable = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
-    assert "encoder.blocks.6.0.conv_pw.weight" in trainable and "encoder.bn2.weight" in trainable
-    assert "encoder.blocks.4.0.conv_pw.weight" not in trainable and "encoder.conv_stem.weight" not in trainable
-
-    backbone.unfreeze_last_blocks(len(backbone.stage_modules))
-    assert all(p.requires_grad for p in backbone.model.parameters())
-
-
 def test_bad_requests_are_clear_errors() -> None:
     with pytest.raises(BackboneError, match="unknown backbone 'vit_huge'"):
         create_backbone("vit_huge", 3)
@@ -208,3 +193,21 @@ def test_bad_requests_are_clear_errors() -> None:
         create_backbone("custom_cnn", 1)
     with pytest.raises(BackboneError, match="pretrained=False"):
         create_backbone("custom_cnn", 3, pretrained=False, weights_path="x.pth")
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_gets_layer_wise_lr_decay_from_the_stem_to_the_head(name: str) -> None:
+    """timm's `create_optimizer_v2(layer_decay=...)` needs `group_matcher`: the first layer group learns at
+    the floor × LR, the new head at the full LR, and every trainable tensor is in exactly one group."""
+    from pipelines.model.recipe import layer_decay_for, make_optimizer
+
+    model = create_backbone(name, 4, pretrained=False).model
+    decay = layer_decay_for(model, 0.1)
+    assert decay is not None and 0 < decay < 1
+    optimizer = make_optimizer(model, 1e-3, 0.05, decay)
+    scale_of = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(scale_of) == sum(1 for _ in model.parameters())
+    assert min(scale_of.values()) == pytest.approx(0.1) and max(scale_of.values()) == pytest.approx(1.0)
+    assert all(scale_of[id(p)] == pytest.approx(1.0) for p in model.head.parameters())
+    first = next(iter(model.encoder.parameters()))  # the stem's first conv
+    assert scale_of[id(first)] == pytest.approx(0.1)

@@ -19,15 +19,19 @@ from pipelines.model.bundle import (
     read_bundle,
     save_bundle,
 )
+from pipelines.model.predict import InferenceConfig
 from pipelines.model.preprocess import preprocessing_from
 
 CLASSES = ["ALL", "Healthy"]
 
 
-def _trained_bundle(tmp_path: Path) -> tuple[ModelBundle, dict[str, torch.Tensor]]:
+def _trained_bundle(
+    tmp_path: Path, inference: InferenceConfig | None = None
+) -> tuple[ModelBundle, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     backbone = create_backbone("custom_cnn", 2, pretrained=False, image_size=32, drop_rate=0.2, head_hidden=64)
-    bundle = ModelBundle.for_backbone("binary_all", CLASSES, backbone, preprocessing_from(backbone.data_config))
+    preprocessing = preprocessing_from(backbone.data_config)
+    bundle = ModelBundle.for_backbone("binary_all", CLASSES, backbone, preprocessing, inference)
     save_bundle(bundle, backbone.model.state_dict(), tmp_path)
     return bundle, backbone.model.state_dict()
 
@@ -59,7 +63,7 @@ def test_a_saved_bundle_reads_back_as_the_same_classifier(tmp_path: Path) -> Non
 def test_the_contract_is_one_flat_json_and_records_how_training_started(tmp_path: Path) -> None:
     bundle, _ = _trained_bundle(tmp_path)
     saved = json.loads((tmp_path / BUNDLE_FILE).read_text())
-    assert saved["format"] == 2 and saved["backbone"] == "custom_cnn" and saved["image_size"] == 32
+    assert saved["format"] == 3 and saved["backbone"] == "custom_cnn" and saved["image_size"] == 32
     assert saved["classes"] == CLASSES and saved["preprocessing"]["input_size"] == [3, 32, 32]
     assert saved["pretrained"] is False and saved["weights_source"] == "random-init"
     saved |= {"pretrained": True, "weights_source": "file:imagenet.pth"}
@@ -88,4 +92,43 @@ def test_unreadable_bundles_name_the_file(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / BUNDLE_FILE).read_text())
     (tmp_path / BUNDLE_FILE).write_text(json.dumps(saved | {"format": 99}))
     with pytest.raises(BundleError, match="unsupported bundle format 99"):
+        read_bundle(tmp_path)
+
+
+def test_temperature_and_tta_round_trip_and_every_prediction_applies_them(tmp_path: Path) -> None:
+    inference = InferenceConfig(temperature=0.4, tta=("hflip",))
+    bundle, _ = _trained_bundle(tmp_path / "calibrated", inference)
+    saved = json.loads((tmp_path / "calibrated" / BUNDLE_FILE).read_text())
+    assert (saved["temperature"], saved["tta"]) == (0.4, ["hflip"])
+    calibrated = read_bundle(tmp_path / "calibrated")
+    assert calibrated.bundle == bundle and calibrated.inference == inference
+
+    _trained_bundle(tmp_path / "plain")  # same seed: the same weights, T = 1 and no TTA
+    plain = read_bundle(tmp_path / "plain")
+    outputs = calibrated.outputs(_images())
+    assert np.allclose(outputs.proba, torch.softmax(torch.tensor(outputs.logits) / 0.4, dim=1).numpy())
+    assert np.allclose(calibrated.predict_proba(_images()), outputs.proba)
+    with torch.no_grad():
+        batch = plain.batch(_images())
+        flip_average = (plain.module(batch) + plain.module(batch.flip(-1))) / 2
+    assert np.allclose(outputs.logits, flip_average.numpy(), atol=1e-5)
+
+
+def test_a_format_2_bundle_loads_with_temperature_one_and_no_tta(tmp_path: Path) -> None:
+    _trained_bundle(tmp_path, InferenceConfig(temperature=2.0, tta=("vflip",)))
+    saved = json.loads((tmp_path / BUNDLE_FILE).read_text())
+    old = {k: v for k, v in saved.items() if k not in ("temperature", "tta")} | {"format": 2}
+    (tmp_path / BUNDLE_FILE).write_text(json.dumps(old))
+    loaded = read_bundle(tmp_path)
+    assert loaded.inference == InferenceConfig() and loaded.bundle.format == 3
+    with torch.no_grad():
+        expected = torch.softmax(loaded.module(loaded.batch(_images())), dim=1).numpy()
+    assert np.allclose(loaded.predict_proba(_images()), expected, atol=1e-6)
+
+
+def test_a_bundle_with_a_bad_temperature_names_the_file(tmp_path: Path) -> None:
+    _trained_bundle(tmp_path)
+    saved = json.loads((tmp_path / BUNDLE_FILE).read_text())
+    (tmp_path / BUNDLE_FILE).write_text(json.dumps(saved | {"temperature": -1}))
+    with pytest.raises(BundleError, match=rf"{BUNDLE_FILE}.*temperature must be a positive number"):
         read_bundle(tmp_path)

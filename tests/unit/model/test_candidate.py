@@ -61,3 +61,34 @@ def test_a_reused_run_reports_the_same_summary(monkeypatch: pytest.MonkeyPatch) 
     assert finished_candidate(None, {"k": "key-1"}) == CandidateSummary.from_run(_run())
     assert finished_candidate(None, {"k": "key-2"}) is None
     assert asked == [{"k": "key-1"}, {"k": "key-2"}]
+
+
+def test_the_one_training_path_trains_a_folder_frame_with_class_weights(shared_data, monkeypatch) -> None:
+    """`build_run` + `fit_prepared` (what the CLI, the DAG and the benchmark run) on real smears: one 32 px
+    epoch of 14 images (~3 s on a quiet 2-core machine)."""
+    import pandas as pd
+
+    from pipelines.core.settings import RetrainConfig
+    from pipelines.model import train
+    from pipelines.model.candidate import build_run, candidate_spec, fit_prepared, train_config
+
+    counts = {"Benign": 2, "Early": 4, "Pre": 4, "Pro": 4}  # train images per class: Benign the smallest
+    rows = []
+    for label, n_train in counts.items():
+        files = sorted((shared_data / "all_taleqani" / label).glob("*.jpg"))[: n_train + 2]
+        splits = ["train"] * n_train + ["val", "test"]
+        rows += [{"path": f, "label": label, "split": s} for f, s in zip(files, splits, strict=True)]
+    retrain = RetrainConfig(image_size=32, batch_size=4, time_budget_min=None)
+    spec = candidate_spec(retrain, "all_subtypes", "custom_cnn", device="cpu")
+    config = train_config(retrain, epochs=1)
+    run = build_run(spec, config, pd.DataFrame(rows), "v-test", "folder")
+    seen = {}
+    real_fit = train.fit
+    monkeypatch.setattr("pipelines.model.candidate.fit", lambda *a, **kw: seen.update(kw) or real_fit(*a, **kw))
+    result = fit_prepared(run)
+    assert seen["class_weights"][0] == pytest.approx(14 / (4 * 2)) and seen["class_weights"][1] == pytest.approx(
+        14 / 16
+    )
+    assert [s.name for s in seen["stages"]] == ["full"] and seen["mixer"] is None  # augment "none" from settings
+    assert len(result.history) == 1 and result.planned_steps == len(run.loaders["train"])
+    assert set(result.best_state) == set(run.backbone.model.state_dict())

@@ -15,11 +15,13 @@ from pipelines.model.evaluate import (
     EvaluationError,
     _bootstrap_macro_f1,
     confusion_matrix_figure,
+    evaluate_logits,
     evaluate_model,
     evaluate_predictions,
     expected_calibration_error,
     macro_f1,
 )
+from pipelines.model.predict import InferenceConfig, Outputs, probabilities
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 
@@ -138,13 +140,15 @@ class _Store:
 
 
 class _RedOrBlueModel:
-    """Predicts "Benign" for reddish images, "Early" otherwise (a LoadedModel's predict_proba contract)."""
+    """Predicts "Benign" for reddish images, "Early" otherwise (a LoadedModel's outputs/inference contract)."""
 
     classes = ["Benign", "Early"]
+    inference = InferenceConfig(temperature=2.0)
 
-    def predict_proba(self, rgb_list: list[np.ndarray]) -> np.ndarray:
+    def outputs(self, rgb_list: list[np.ndarray]) -> Outputs:
         red = np.array([rgb[..., 0].mean() > rgb[..., 2].mean() for rgb in rgb_list], float)
-        return np.stack([red * 0.9 + 0.05, 0.95 - red * 0.9], axis=1)
+        logits = np.stack([4 * red - 2, 2 - 4 * red], axis=1)  # softmax at T = 1: 0.982 sure
+        return Outputs(probabilities(logits, self.inference.temperature), logits)
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
@@ -159,8 +163,25 @@ def test_evaluate_model_reads_decodes_and_scores_in_batches() -> None:
     result = evaluate_model(_RedOrBlueModel(), store, frame, batch_size=2, bootstrap=0)
     assert result.n == 3 and result.accuracy == pytest.approx(2 / 3)
     assert result.confusion == ((1, 0), (1, 1))
+    calibrated, raw = 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(-4.0))  # top-class confidence at T = 2 and 1
+    assert result.ece == pytest.approx(abs(2 / 3 - calibrated))  # the bundle's temperature is applied
+    assert result.ece_uncalibrated == pytest.approx(abs(2 / 3 - raw))
+    assert result.to_metrics()["ece_uncalibrated"] == pytest.approx(result.ece_uncalibrated)
     store.objects["b1"] = b"not an image"
     with pytest.raises(EvaluationError, match="object b1"):
         evaluate_model(_RedOrBlueModel(), store, frame, bootstrap=0)
     with pytest.raises(EvaluationError, match="'Pro'"):
         evaluate_model(_RedOrBlueModel(), store, frame.assign(label="Pro"), bootstrap=0)
+
+
+def test_evaluate_logits_scores_the_calibrated_softmax_and_reports_both_eces() -> None:
+    truth, proba = _noisy_predictions(400, seed=5)
+    logits = np.log(proba) * 3  # the same ranking, sharper
+    inference = InferenceConfig(temperature=3.0)
+    result = evaluate_logits(truth, logits, CLASSES, inference, bootstrap=50)
+    plain = evaluate_predictions(truth, proba, CLASSES, bootstrap=50)
+    assert (result.macro_f1, result.f1_ci_low, result.confusion) == (plain.macro_f1, plain.f1_ci_low, plain.confusion)
+    assert result.ece == pytest.approx(expected_calibration_error(truth, proba))
+    assert result.ece_uncalibrated == pytest.approx(expected_calibration_error(truth, probabilities(logits)))
+    assert abs(result.ece_uncalibrated - result.ece) > 0.1
+    assert "uncalibrated" in result.classification_report()

@@ -1,5 +1,5 @@
 """The bundle as an MLflow pyfunc model, saved to a local folder (no server): what ``mlflow models serve``
-loads predicts like the bundle reader, and the MLmodel names the training run."""
+loads predicts like the bundle reader (temperature and TTA included), and the MLmodel names the run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from pipelines.data.imagefacts import decode_image
 from pipelines.model.backbones import create_backbone
 from pipelines.model.bundle import BUNDLE_DIR_IN_MODEL, ModelBundle, read_bundle
+from pipelines.model.predict import InferenceConfig
 from pipelines.model.preprocess import preprocessing_from
 from pipelines.model.pyfunc import save_pyfunc_model
 
@@ -29,7 +30,9 @@ def _png(seed: int) -> bytes:
 def test_pyfunc_model_predicts_base64_images_like_the_bundle(tmp_path: Path) -> None:
     torch.manual_seed(0)
     backbone = create_backbone("custom_cnn", 2, pretrained=False, image_size=32)
-    bundle = ModelBundle.for_backbone("binary_all", CLASSES, backbone, preprocessing_from(backbone.data_config))
+    inference = InferenceConfig(temperature=0.5, tta=("hflip",))
+    preprocessing = preprocessing_from(backbone.data_config)
+    bundle = ModelBundle.for_backbone("binary_all", CLASSES, backbone, preprocessing, inference)
     model_dir = tmp_path / "model"
     save_pyfunc_model(model_dir, bundle, backbone.model.state_dict(), _png(0), run_id="run-42")
 
@@ -40,6 +43,7 @@ def test_pyfunc_model_predicts_base64_images_like_the_bundle(tmp_path: Path) -> 
     assert list(out.columns) == ["predicted_class", "confidence", *CLASSES]
 
     loaded = read_bundle(model_dir / BUNDLE_DIR_IN_MODEL)
+    assert loaded.inference == inference  # the served probabilities are the calibrated, flip-averaged ones
     expected = loaded.predict_proba([decode_image(b).rgb for b in images])
     assert np.allclose(out[CLASSES].to_numpy(), expected, atol=1e-5)
     assert list(out["predicted_class"]) == [CLASSES[i] for i in expected.argmax(axis=1)]

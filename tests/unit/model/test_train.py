@@ -1,17 +1,20 @@
-"""The training loop on tiny synthetic data: learning, staged freezing, early stopping, budget, resume."""
+"""The training loop on tiny synthetic data: learning, staged freezing, early stopping, budget, resume,
+the recipe's schedule and EMA, the progress line, and the one source of defaults."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipelines.data.datasets import ImageFileDataset, limit_rows, make_loader
-from pipelines.model.train import Stage, TrainConfig, default_criterion, fine_tuning_stages, fit, run_key
+from pipelines.model.checkpoint import run_key
+from pipelines.model.train import Stage, TrainConfig, default_criterion, fine_tuning_stages, fit
 
 CPU = torch.device("cpu")
 
@@ -75,16 +78,16 @@ def test_head_stage_trains_only_the_head_and_keeps_frozen_batchnorm_stats() -> N
 
 
 def test_fine_tuning_plan_for_pretrained_and_random_init() -> None:
-    config = TrainConfig(epochs=6, lr=1e-3, head_epochs=2)
-    blocks = ["blocks.1", "blocks.2"]
-    head, finetune = fine_tuning_stages(config, pretrained=True, head=["classifier"], finetune=blocks)
+    config = TrainConfig(epochs=6, lr=1e-3, head_epochs=2, layer_lr_floor=0.2)
+    head, finetune = fine_tuning_stages(config, pretrained=True, head=["classifier"])
     assert (head.name, head.epochs, head.lr, head.trainable) == ("head", 2, 1e-3, ("classifier",))
-    assert finetune.epochs == 4 and finetune.lr == pytest.approx(1e-4)
-    assert finetune.trainable == ("blocks.1", "blocks.2", "classifier")
-    (full,) = fine_tuning_stages(config, pretrained=False, head=["classifier"], finetune=blocks)
-    (only_finetune,) = fine_tuning_stages(TrainConfig(epochs=1), pretrained=True, head=["h"], finetune=["b"])
-    assert only_finetune.name == "finetune" and only_finetune.epochs == 1
-    assert (full.epochs, full.trainable) == (6, ("",))
+    assert (finetune.epochs, finetune.lr, finetune.trainable, finetune.layer_lr_floor) == (4, 1e-3, ("",), 0.2)
+    partial = fine_tuning_stages(config, pretrained=True, head=["classifier"], finetune=["blocks.2"])[1]
+    assert partial.trainable == ("blocks.2", "classifier")
+    (full,) = fine_tuning_stages(config, pretrained=False, head=["classifier"])
+    assert (full.epochs, full.trainable, full.layer_lr_floor) == (6, ("",), 1.0)  # random init: uniform LR
+    (only_finetune,) = fine_tuning_stages(TrainConfig(epochs=6), pretrained=True, head=["h"])
+    assert only_finetune.name == "finetune" and only_finetune.epochs == 6  # the default: no head-only stage
 
 
 def test_early_stopping_stops_after_patience_without_improvement() -> None:
@@ -205,16 +208,13 @@ def test_stages_for_real_backbones() -> None:
     from pipelines.model.backbones import create_backbone
     from pipelines.model.candidate import stages_for
 
-    config = TrainConfig(epochs=4, head_epochs=1, unfreeze_blocks=1)
+    config = TrainConfig(epochs=4, head_epochs=1)
     (full,) = stages_for(create_backbone("custom_cnn", 4, pretrained=False, image_size=32), config)
-    assert full.trainable == ("",)
+    assert (full.trainable, full.layer_lr_floor) == (("",), 1.0)
     lite = create_backbone("efficientnet_lite0", 4, pretrained=True, image_size=64)
     head, finetune = stages_for(lite, config)
     assert (head.name, head.epochs, head.trainable) == ("head", 1, ("head",))
-    assert finetune.epochs == 3 and "head" in finetune.trainable
-    assert any(name.startswith("encoder.blocks.6") for name in finetune.trainable)
-    assert not any(name.startswith(("encoder.conv_stem", "encoder.blocks.0")) for name in finetune.trainable)
-    assert all(p.requires_grad for p in lite.model.parameters())  # planning leaves the module untouched
+    assert (finetune.epochs, finetune.trainable, finetune.layer_lr_floor) == (3, ("",), config.layer_lr_floor)
 
 
 @pytest.mark.parametrize("budget", [5, 12, 13, 40, 41])
@@ -233,13 +233,94 @@ def test_limit_rows_never_exceeds_the_budget_and_keeps_every_cell_when_it_can(bu
         assert kept.groupby(["split", "label"]).ngroups == 12
 
 
-def test_default_criterion_is_timms_cross_entropy_for_integer_or_mixed_soft_targets() -> None:
+def test_default_criterion_smooths_integer_labels_weights_classes_and_takes_soft_targets() -> None:
     logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     smoothed = default_criterion(0.1, mixer=None)
-    assert isinstance(smoothed, LabelSmoothingCrossEntropy)
     expected = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
     assert smoothed(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
-    soft = default_criterion(0.1, mixer=lambda images, targets: (images, targets))
-    assert isinstance(soft, SoftTargetCrossEntropy)
+    soft = default_criterion(0.1, mixer=lambda images, targets: (images, targets))  # the mixer smooths
     one_hot = nn.functional.one_hot(labels, 3).float()
     assert soft(logits, one_hot).item() == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    weighted = default_criterion(0.0, mixer=None, class_weights=[2.0, 1.0, 1.0])
+    per_image = nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (per_image * torch.tensor([2.0, 1.0, 1.0, 2.0])).sum() / 6.0
+    assert weighted(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_balanced_class_weights_favour_the_small_class() -> None:
+    from pipelines.model.recipe import balanced_class_weights
+
+    weights = balanced_class_weights([0] * 10 + [1] * 30 + [2] * 20, 4)
+    assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(60 / 90) and weights[3] == 1.0
+
+
+def test_resume_restores_ema_scheduler_and_step_exactly(tmp_path) -> None:
+    """A crash after epoch 1 then a resume ends with the uninterrupted run's EMA weights, LR curve and plan."""
+    config = TrainConfig(epochs=4, lr=0.05, patience=10, ema_decay=0.9, time_budget_min=None)
+    path = tmp_path / "run.pt"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _fit(config, checkpoint_path=path, callbacks=[_CrashAt(1)])
+    saved = torch.load(path, weights_only=False)
+    assert saved["ema"] is not None and saved["state"]["step"] == len(_loaders()[0])
+    steps = 4 * len(_loaders()[0])
+    assert saved["scheduler"]["t_initial"] == steps - round(0.05 * steps)  # the cosine after the warm-up
+    resumed = _fit(config, checkpoint_path=path)
+    uninterrupted = _fit(config)
+    assert [r.lr for r in resumed.history] == pytest.approx([r.lr for r in uninterrupted.history])
+    for key, value in uninterrupted.best_state.items():
+        assert torch.allclose(resumed.best_state[key].float(), value.float(), atol=1e-6), key
+
+
+def test_warmup_then_cosine_is_stepped_per_update() -> None:
+    config = TrainConfig(epochs=4, lr=0.05, patience=10, warmup_ratio=0.25, min_lr_ratio=0.01, ema_decay=0.0)
+    config = replace(config, time_budget_min=None)
+    lrs = [r.lr for r in _fit(config).history]  # the LR after each epoch's last update
+    assert lrs[0] == pytest.approx(0.05, rel=1e-6)  # a quarter of the steps = epoch 1: the peak at its end
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3] and lrs[3] == pytest.approx(0.05 * 0.01, rel=1e-3)
+
+
+def test_budget_plans_the_schedule_in_steps_from_the_probe_and_the_first_epoch(monkeypatch) -> None:
+    from pipelines.model import recipe
+
+    assert recipe.planned_steps(4000, 10, 600.0, 0.5) == 1210
+    assert recipe.planned_steps(500, 10, 600.0, 0.5) == 500 and recipe.planned_steps(4000, 10, 0.1, 0.5) == 11
+    plans = []
+
+    def plan(max_steps, done, remaining_s, step_s):  # the probe (step 12), then after epoch 1 (step 6)
+        plans.append(done)
+        return 15
+
+    monkeypatch.setattr(recipe, "planned_steps", plan)
+    train, val = _loaders()
+    config = TrainConfig(epochs=20, lr=0.05, patience=10, time_budget_min=5.0)
+    big_train = make_loader(_colour_images(16 * 14, 1), batch_size=16, train=True, device=CPU, seed=0, workers=0)
+    result = fit(_tiny_net(), big_train, val, stages=[Stage("full", 20, 0.05, ("",))], config=config, device=CPU)
+    assert plans == [12, 14] and result.planned_steps == 15  # 14 steps an epoch: the probe, then epoch 1
+    assert len(result.history) == 2 and result.stop_reason == "completed"
+    assert result.history[-1].lr == pytest.approx(0.05 * TrainConfig().min_lr_ratio, rel=1e-3)
+
+
+def test_each_epoch_logs_a_progress_line(caplog) -> None:
+    with caplog.at_level("INFO", logger="pipelines.model.train"):
+        _fit(TrainConfig(epochs=2, lr=0.05, patience=10, time_budget_min=None))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.model.train"]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1 (full, step 6/12): loss ")
+    assert all(word in lines[1] for word in ("val macro-F1", "img/s", "ETA 0 s"))
+
+
+def test_defaults_have_one_source_settings_retrain() -> None:
+    from dataclasses import asdict, fields
+
+    from pipelines.core.settings import RetrainConfig
+    from pipelines.model.candidate import TrainingInputError, candidate_spec, train_config
+
+    retrain = RetrainConfig()
+    assert asdict(TrainConfig()) == {f.name: getattr(retrain, f.name) for f in fields(TrainConfig)}
+    assert retrain.time_budget_min <= 10
+    custom = retrain.model_copy(update={"lr": 3e-4, "epochs": 7, "augmentations": ["mixup", "none"]})
+    config = train_config(custom, epochs=None, time_budget_min=2.0)
+    assert (config.lr, config.epochs, config.time_budget_min) == (3e-4, 7, 2.0)
+    spec = candidate_spec(custom, "all_subtypes", "custom_cnn", augment=None, batch_size=8)
+    assert (spec.augment, spec.image_size, spec.batch_size) == ("mixup", custom.image_size, 8)
+    with pytest.raises(TrainingInputError, match="unfreeze_blocks"):
+        train_config(custom, unfreeze_blocks=2)

@@ -32,15 +32,18 @@ def test_overlay_grid_is_a_png() -> None:
 
 def test_explain_images_reports_the_contract_metrics() -> None:
     from pipelines.model.backbones import create_backbone
-    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.model.preprocess import preprocessing_from, to_tensor_batch
+    from pipelines.trust.lime_explainer import classifier_fn
 
     backbone = create_backbone("custom_cnn", 3, pretrained=False, image_size=64)
     backbone.model.eval()
+    preprocessing = preprocessing_from(backbone.data_config)
     loaded = SimpleNamespace(
         module=backbone.model,
         classes=["ALL", "AML", "CLL"],
-        preprocessing=preprocessing_from(backbone.data_config),
+        preprocessing=preprocessing,
         gradcam_layer=backbone.gradcam_layer,
+        predict_proba=classifier_fn(backbone.model, lambda imgs: to_tensor_batch(list(imgs), preprocessing)),
     )
     labels = ["ALL", "AML", "CLL"] * 2
     images = [smear(label, i // 3, 80) for i, label in enumerate(labels)]
@@ -55,6 +58,9 @@ def test_explain_images_reports_the_contract_metrics() -> None:
         "gradcam_artefact_mass",
         "gradcam_artefact_enrichment",
         "shortcut_flip_rate",
+        "shortcut_flips",
+        "shortcut_n_images",
+        "shortcut_flip_rate_upper",
         "shortcut_f1_drop",
         "lime_nucleus_mass",
     ):

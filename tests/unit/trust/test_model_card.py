@@ -1,11 +1,11 @@
 """The model card: known limitations and every section of the rendered markdown."""
 
 from pipelines.core.settings import GateThresholds
+from pipelines.trust.evidence import candidate_metrics
 from pipelines.trust.gate import decide
 from pipelines.trust.model_card import known_limitations, render_model_card
-from pipelines.trust.promote import candidate_metrics
 
-from .training_run import TAGS, run
+from .training_run import TAGS, predictions, run
 
 COUNTS = {
     "train": {"ALL": 300, "Healthy": 60},
@@ -15,7 +15,7 @@ COUNTS = {
 
 
 def test_limitations_name_random_init_imbalance_and_a_small_test_split():
-    decision = decide(candidate_metrics(run()), None, GateThresholds())
+    decision = decide(candidate_metrics(run(), predictions(95)), None, GateThresholds())
     notes = " ".join(known_limitations(run(), COUNTS, decision))
     assert "pretrained=false" in notes and "largest/smallest = 5.0" in notes and "38 images" in notes
     balanced = {s: {"ALL": 500, "Healthy": 500} for s in ("train", "val", "test")}
@@ -26,7 +26,7 @@ def test_limitations_name_random_init_imbalance_and_a_small_test_split():
 
 
 def test_model_card_has_every_section():
-    decision = decide(candidate_metrics(run()), None, GateThresholds())
+    decision = decide(candidate_metrics(run(), predictions(95)), None, GateThresholds())
     card = render_model_card(
         run(),
         "leukops-binary_all",

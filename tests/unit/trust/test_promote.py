@@ -5,23 +5,34 @@ from dataclasses import replace
 import pytest
 
 from pipelines.core.settings import GateThresholds
-from pipelines.trust.gate import decide
-from pipelines.trust.promote import PromotionError, candidate_metrics, gate_moves, promotion_moves, version_tags
+from pipelines.trust.evidence import EvidenceError, candidate_metrics, holdout_figures
+from pipelines.trust.gate import HoldoutFigure, decide
+from pipelines.trust.promote import gate_moves, promotion_moves, version_tags
 
-from .training_run import METRICS, run
+from .training_run import METRICS, predictions, run
+
+CLASSES = ("ALL", "Healthy")
 
 
 def test_candidate_metrics_follow_the_tracking_contract_names():
-    cand = candidate_metrics(run())
-    assert (cand.task, cand.dataset_version, cand.classes) == ("binary_all", "ds1", ("ALL", "Healthy"))
-    assert cand.macro_f1 == 0.85 and cand.val_macro_f1 == 0.84 and cand.f1_ci == (0.80, 0.90)
-    assert cand.class_recall == {"ALL": 0.90, "Healthy": 0.80}
-    assert (cand.nucleus_enrichment, cand.artefact_mass, cand.shortcut_flip_rate) == (2.0, 0.04, 0.01)
-    assert cand.lime_agreement is None
+    cand = candidate_metrics(run(), predictions(95))
+    assert (cand.task, cand.dataset_version, cand.classes) == ("binary_all", "ds1", CLASSES)
+    assert cand.val_macro_f1 == 0.84 and cand.test.n == 200
+    assert (cand.nucleus_enrichment, cand.explain_images, cand.artefact_mass) == (2.0, 32, 0.04)
+    assert (cand.shortcut_flips, cand.shortcut_images) == (3, 300)
+    assert cand.lime_agreement is None and cand.holdout == {}
+
+
+def test_holdout_figures_are_read_for_every_registered_source():
+    figures = holdout_figures(run(), ["lab_b", "lab_c"])
+    assert figures == {
+        "lab_b": HoldoutFigure("lab_b", 0.81, 0.75, 120),
+        "lab_c": HoldoutFigure("lab_c", None, None, None),
+    }
 
 
 def test_a_run_without_task_tag_is_not_promotable():
-    with pytest.raises(PromotionError, match="run1 has no 'task' tag"):
+    with pytest.raises(EvidenceError, match="run1 has no 'task' tag"):
         candidate_metrics(run(tags={"dataset_version": "ds1"}))
 
 
@@ -35,21 +46,25 @@ def test_previous_moves_before_champion_so_champion_is_never_missing():
     assert promotion_moves({"champion": "3"}, "4", approval_required=True) == [("challenger", "4")]
 
 
-def test_version_tags_carry_key_results_and_report_link():
-    decision = decide(candidate_metrics(run()), None, GateThresholds())
+def test_version_tags_carry_estimate_bound_images_and_report_link():
+    decision = decide(candidate_metrics(run(), predictions(95)), None, GateThresholds())
     tags = version_tags(decision, "runs:/run1/gate/report.json")
     assert tags["gate.passed"] == "true" and tags["gate.failed"] == ""
     assert tags["gate.report"] == "runs:/run1/gate/report.json"
-    assert tags["gate.macro_f1"] == "0.8500" and tags["gate.shortcut_flip_rate"] == "0.0100"
+    assert tags["gate.macro_f1"] == "0.9500" and tags["gate.macro_f1.n"] == "200"
+    assert float(tags["gate.macro_f1.bound"]) < 0.95
+    assert tags["gate.shortcut_flip_rate"] == "0.0100" and tags["gate.shortcut_flip_rate.bound"] == "0.0256"
     assert tags["gate.champion_version"] == ""
     assert all(isinstance(v, str) for v in tags.values())
 
 
 def test_gate_moves_follow_the_decision():
-    champion = replace(candidate_metrics(run()), run_id="c", version="1")
-    passed = decide(candidate_metrics(run()), champion, GateThresholds())
-    worse = decide(candidate_metrics(run({**METRICS, "test_macro_f1": 0.75})), champion, GateThresholds())
-    shortcut = decide(candidate_metrics(run({**METRICS, "shortcut_flip_rate": 0.5})), champion, GateThresholds())
+    champion = replace(candidate_metrics(run(), predictions(95)), run_id="c", version="1")
+    passed = decide(candidate_metrics(run(), predictions(95)), champion, GateThresholds())
+    worse = decide(candidate_metrics(run(), predictions(80)), champion, GateThresholds())
+    shortcut = decide(
+        candidate_metrics(run({**METRICS, "shortcut_flips": 150}), predictions(95)), champion, GateThresholds()
+    )
     aliases = {"champion": "1"}
     assert gate_moves(passed, aliases, "2", False) == [("previous", "1"), ("champion", "2")]
     assert gate_moves(worse, aliases, "2", False) == [("challenger", "2")]

@@ -96,6 +96,8 @@ def test_centre_classifier_never_flips() -> None:
     report = shortcut_test(_centre_classifier, images, labels)
     assert report.flip_rate == 0.0 and report.f1_drop == 0.0
     data = report.to_dict()
+    assert data["flips"] == 0 and data["n_images"] == 12
+    assert data["flip_rate_upper"] == pytest.approx(1 - 0.05 ** (1 / 12))  # exact: 0 of n
     assert set(data["regions"]) == {"bottom_right", "bottom_left", "top_right", "top_left"}
     assert data["regions"]["bottom_right"]["area_share"] == pytest.approx(11 * 17 / 64**2)
 
@@ -103,7 +105,7 @@ def test_centre_classifier_never_flips() -> None:
 def test_effect_counts_flips_and_f1() -> None:
     labels = np.array([0, 0, 1, 1])
     effect = intervention_effect(labels, np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]))
-    assert effect.flip_rate == 0.25
+    assert effect.flip_rate == 0.25 and effect.flips == 1
     assert effect.macro_f1_before == 1.0 and 0 < effect.macro_f1_after < 1.0
 
 
@@ -156,7 +158,10 @@ def _train(train: tuple, val: tuple):
         data = TensorDataset(to_tensor_batch(images, prep), torch.as_tensor(labels))
         return DataLoader(data, batch_size=16, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
 
-    config = TrainConfig(epochs=5, lr=2e-3, patience=5, seed=0)
+    # A constant-LR plain recipe: this test is about the detector, not the product recipe (20 updates in all).
+    config = TrainConfig(
+        epochs=5, lr=2e-3, patience=5, seed=0, warmup_ratio=0.0, min_lr_ratio=1.0, ema_decay=0.0, class_balanced=False
+    )
     stages = fine_tuning_stages(config, pretrained=False, head=(), finetune=())
     result = fit(
         backbone.model,
@@ -178,7 +183,7 @@ def detector_runs() -> dict[str, dict]:
     from pipelines.trust.gradcam import gradcam
     from pipelines.trust.lime_explainer import classifier_fn
 
-    train, val, test = _smears(0, 20), _smears(500, 4), _smears(1000, 12)
+    train, val, test = _smears(0, 20), _smears(500, 4), _smears(1000, 100)  # the gate's 300 test images
     splits = {
         "shortcut": (_confounded(*train, seed=1), _confounded(*val, seed=2), _confounded(*test, seed=3)),
         "control": (train, val, test),
@@ -209,6 +214,30 @@ def test_detector_flags_the_shortcut_model(detector_runs: dict[str, dict]) -> No
     assert report.effects[LABEL_CORNER]["swap"].f1_drop >= 0.3
     assert report.effects["top_left"]["swap"].flip_rate <= 0.1  # only the planted corner matters
     assert run["corner_mass"] >= 2 * run["corner_share"], run
+
+
+def _gate_shortcut_check(report):
+    from pipelines.core.settings import GateThresholds
+    from pipelines.trust.gate import CandidateMetrics, decide
+
+    candidate = CandidateMetrics(
+        "run", TASK, "ds", CLASSES, shortcut_flips=report.flips, shortcut_images=report.n_images
+    )
+    return next(c for c in decide(candidate, None, GateThresholds()).checks if c.name == "shortcut_flip_rate")
+
+
+def test_gate_refuses_the_shortcut_model_on_the_flip_rate_upper_bound(detector_runs: dict[str, dict]) -> None:
+    report = detector_runs["shortcut"]["report"]
+    check = _gate_shortcut_check(report)
+    assert report.n_images == check.n == 300 and not check.passed, check.detail
+    assert check.value == pytest.approx(report.flip_bounds()["flip_rate_upper"])
+
+
+def test_gate_passes_the_control_model(detector_runs: dict[str, dict]) -> None:
+    report = detector_runs["control"]["report"]
+    check = _gate_shortcut_check(report)
+    assert check.passed, check.detail
+    assert report.flips <= 1, report.to_dict()  # the clean model: 0-1 flips in 300 images
 
 
 def test_detector_clears_the_control_model(detector_runs: dict[str, dict]) -> None:

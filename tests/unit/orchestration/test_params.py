@@ -1,0 +1,96 @@
+"""The DAGs' run params: Airflow's schema check of a conf, and the settings the task bodies build from it."""
+
+from __future__ import annotations
+
+import pytest
+from airflow.sdk import ParamsDict
+from airflow.sdk.exceptions import ParamValidationError
+
+from pipelines.core.settings import RetrainConfig, Settings
+from pipelines.orchestration.params import (
+    RETRAIN_OVERRIDES,
+    ParamsError,
+    gate_overrides,
+    ingest_params,
+    overrides_of,
+    retrain_params,
+    with_overrides,
+)
+
+
+def _validated(params: dict, conf: dict) -> dict:
+    """What Airflow does with a trigger's conf: merge into the DAG's params, validate every value."""
+    merged = ParamsDict(params)
+    merged.update(conf)
+    return merged.validate()
+
+
+def test_an_empty_conf_overrides_nothing():
+    resolved = _validated(retrain_params(), {})
+    assert resolved["force"] is False and resolved["reason"] == ""
+    assert overrides_of(resolved) == {}
+    settings = Settings(profile="dev")
+    assert with_overrides(settings, resolved) is settings
+
+
+def test_the_demo_conf_reaches_the_grid_and_the_gate():
+    conf = {
+        "tasks": ["wbc"],
+        "backbones": ["efficientnet_lite0"],
+        "augmentations": ["none", "mixup"],
+        "epochs": 3,
+        "time_budget_min": 2.5,
+        "macro_f1_min": 0.3,
+        "class_recall_min": 0.1,
+        "min_check_images": 8,
+    }
+    resolved = _validated(retrain_params(), conf)
+    settings = with_overrides(Settings(profile="dev"), resolved)
+    assert settings.retrain.tasks == ["wbc"] and settings.retrain.augmentations == ["none", "mixup"]
+    assert (settings.retrain.epochs, settings.retrain.time_budget_min) == (3, 2.5)
+    assert settings.retrain.image_size == Settings(profile="dev").retrain.image_size  # not overridden
+    assert (settings.gate.macro_f1_min, settings.gate.class_recall_min, settings.gate.min_check_images) == (0.3, 0.1, 8)
+    assert overrides_of(resolved) == conf
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"epochs": 0},
+        {"epochs": "three"},
+        {"epochs": 2.5},
+        {"image_size": 8},
+        {"time_budget_min": 0},
+        {"backbones": []},
+        {"backbones": ["resnet18; rm -rf /"]},
+        {"augmentations": "mixup"},
+        {"macro_f1_min": 1.5},
+        {"class_recall_min": -0.1},
+        {"shortcut_flip_rate_max": 2},
+        {"force": "yes"},
+    ],
+)
+def test_airflow_refuses_a_conf_outside_the_schema(conf):
+    with pytest.raises(ParamValidationError):
+        _validated(retrain_params(), conf)
+
+
+def test_the_settings_refuse_what_the_schema_let_through():
+    """A conf that skipped Airflow's check (tests, a hand-built context) still gets a clear error."""
+    with pytest.raises(ParamsError, match=r"settings\.retrain: epochs"):
+        with_overrides(Settings(profile="dev"), {"epochs": "many"})
+
+
+def test_every_override_is_a_setting_and_every_numeric_gate_setting_is_a_param():
+    assert set(RETRAIN_OVERRIDES) <= set(RetrainConfig.model_fields)
+    gate = gate_overrides()
+    assert {"macro_f1_min", "class_recall_min", "non_inferiority_margin", "shortcut_flip_rate_max"} <= set(gate)
+    assert all(p.value is None for p in gate.values())  # None = the settings' value
+
+
+def test_ingest_params_bound_the_wait_for_new_files():
+    assert _validated(ingest_params(), {})["wait_for_files_min"] == 0
+    assert _validated(ingest_params(), {"source": "lab-a", "wait_for_files_min": 5})["source"] == "lab-a"
+    for bad in ({"wait_for_files_min": -1}, {"wait_for_files_min": 120}, {"source": "../etc"}):
+        with pytest.raises(ParamValidationError):
+            _validated(ingest_params(), bad)
