@@ -41,9 +41,10 @@ from pipelines.data.snapshot import hash_split
 from pipelines.model.backbones import BACKBONES, efficientnet_lite0_package_file, load_encoder_weights
 from pipelines.model.calibration import fit_calibration
 from pipelines.model.candidate import build_run, candidate_spec, fit_prepared, train_config
+from pipelines.model.devices import pick_device, seed_everything
 from pipelines.model.evaluate import evaluate_logits, evaluate_predictions, macro_f1
 from pipelines.model.predict import loader_logits, probabilities
-from pipelines.model.train import pick_device, predict_proba, seed_everything
+from pipelines.model.train import predict_proba
 from pipelines.trust.statistics import bootstrap_macro_f1
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"

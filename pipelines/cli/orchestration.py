@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = add_command(sub, "demo", "the three DAGs under the local scheduler (REST API), then a summary", _demo)
     demo.add_argument("--task", default="all_subtypes")
     demo.add_argument("--data", type=Path, default=None, help="a real image folder (one sub-folder per label)")
-    demo.add_argument("--per-class", type=int, default=40, help="synthetic images per class")
+    demo.add_argument("--per-class", type=int, default=60, help="synthetic images per class")
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--dags-dir", type=Path, default=Path("dags"))
     actions.choices["test"].add_argument("dag_id")

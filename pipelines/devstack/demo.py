@@ -53,7 +53,7 @@ DEMO_GATE = {
     "class_recall_min": 0.0,
     "nucleus_enrichment_min": 0.0,
     "shortcut_flip_rate_max": 1.0,
-    "min_check_images": 8,
+    "min_check_images": 5,
 }
 SETTLE_TIMEOUT_S = 180.0
 LINK_OK = {200, 301, 302, 303, 307, 308, 401}  # a page, a redirect, or a login the page asks for
@@ -235,7 +235,7 @@ def run_demo(
     data: Path | None,
     dags_dir: Path,
     *,
-    per_class: int = 40,
+    per_class: int = 60,
     image_size: int = 128,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:

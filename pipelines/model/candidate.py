@@ -30,17 +30,15 @@ from pipelines.data.datasets import (
 from pipelines.io import layout, tracking
 from pipelines.io.registry import RunRecord
 from pipelines.model.checkpoint import checkpoint_file, run_key
+from pipelines.model.devices import pick_device, seed_everything
 from pipelines.model.recipe import balanced_class_weights
+from pipelines.model.stages import Stage, fine_tuning_stages
 from pipelines.model.train import (
     Callback,
     EpochRecord,
     FitResult,
-    Stage,
     TrainConfig,
-    fine_tuning_stages,
     fit,
-    pick_device,
-    seed_everything,
 )
 
 if TYPE_CHECKING:

@@ -17,10 +17,9 @@ run ends when the plan's steps are done. The plan is checkpointed, so a resumed 
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,12 +27,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipelines.model import checkpoint, recipe
+from pipelines.model.devices import autocast, pick_device, seed_everything, to_device
 from pipelines.model.evaluate import macro_f1
+from pipelines.model.stages import Stage, apply_stage, freeze_frozen_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,6 @@ class TrainConfig:
     patience: int = 10  # epochs without a better val macro-F1 before stopping
     seed: int = 0
     time_budget_min: float | None = 10.0  # training + validation wall time
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One training phase: which parameters learn (name prefixes; ``""`` = all), at which peak LR, how
-    long, and the first layer group's LR scale (layer-wise decay; 1 = uniform)."""
-
-    name: str
-    epochs: int
-    lr: float
-    trainable: tuple[str, ...]
-    layer_lr_floor: float = 1.0
 
 
 @dataclass
@@ -128,68 +116,6 @@ class _State:
     images_seen: int = 0
 
 
-# -- planning -------------------------------------------------------------------------------------
-
-
-def fine_tuning_stages(
-    config: TrainConfig, *, pretrained: bool, head: Sequence[str], finetune: Sequence[str] = ("",)
-) -> list[Stage]:
-    """For ImageNet weights: an optional ``head_epochs`` stage training ``head`` (parameter prefixes of the
-    new classifier) alone, then ``finetune`` (default: everything) with layer-wise LR decay. From random
-    init there is nothing to protect: one stage trains everything at one LR."""
-    if not pretrained:
-        return [Stage("full", config.epochs, config.lr, ("",))]
-    head_epochs = min(config.head_epochs, config.epochs // 2)
-    stages = [Stage("head", head_epochs, config.lr, tuple(head))] if head_epochs else []
-    opened = ("",) if "" in finetune else (*finetune, *head)
-    stages.append(Stage("finetune", config.epochs - head_epochs, config.lr, opened, config.layer_lr_floor))
-    return stages
-
-
-def _is_trainable(name: str, prefixes: Iterable[str]) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def _apply_stage(model: nn.Module, stage: Stage) -> None:
-    trained = 0
-    for name, param in model.named_parameters():
-        param.requires_grad_(_is_trainable(name, stage.trainable))
-        trained += param.requires_grad
-    if not trained:
-        raise ValueError(f"stage {stage.name!r} trains no parameter (prefixes {stage.trainable})")
-
-
-def _freeze_frozen_batchnorm(model: nn.Module) -> None:
-    """Frozen BatchNorm layers keep their ImageNet running statistics (train mode would overwrite them)."""
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-            module.eval()
-
-
-# -- determinism and devices ----------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    batch = batch.to(device, non_blocking=True)
-    return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda")
-
-
 # -- one epoch ------------------------------------------------------------------------------------
 
 
@@ -227,17 +153,17 @@ def _train_epoch(loop: _Loop, optimizer, stage: Stage, state: _State, deadline: 
     """Returns (mean loss, images seen, why the epoch ended early: "time_budget", "planned_steps" or None)."""
     model, device = loop.model, loop.device
     model.train()
-    _freeze_frozen_batchnorm(model)
+    freeze_frozen_batchnorm(model)
     total_loss, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     bar = tqdm(loop.train_loader, desc=description, leave=False, disable=not sys.stderr.isatty(), unit="batch")
     probe_started = time.monotonic()
     for images, targets in bar:
         if state.step >= state.planned_steps:
             return total_loss.item() / max(seen, 1), seen, "planned_steps"
-        images, targets = _to_device(images, device), targets.to(device, non_blocking=True)
+        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
         if loop.mixer is not None:
             images, targets = loop.mixer(images, targets)
-        with _autocast(device):
+        with autocast(device):
             logits = model(images)
         loss = loop.criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -283,8 +209,8 @@ def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device) ->
     model.eval()
     labels, probs = [], []
     for images, targets in loader:
-        with _autocast(device):
-            logits = model(_to_device(images, device))
+        with autocast(device):
+            logits = model(to_device(images, device))
         probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
         labels.append(targets.numpy())
     return np.concatenate(labels), np.concatenate(probs)
@@ -333,7 +259,7 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any] | None:
 def _make_optimizer(loop: _Loop, stage: Stage, state: _State):
     """The stage's optimizer and its warm-up + cosine schedule over the whole planned run, set to the
     current step (a later stage continues the same LR curve)."""
-    _apply_stage(loop.model, stage)
+    apply_stage(loop.model, stage)
     layer_decay = recipe.layer_decay_for(loop.model, stage.layer_lr_floor)
     optimizer = recipe.make_optimizer(loop.model, stage.lr, loop.config.weight_decay, layer_decay)
     return optimizer, _make_scheduler(loop, optimizer, stage, state)

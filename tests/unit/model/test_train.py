@@ -14,7 +14,8 @@ from torch.utils.data import TensorDataset
 
 from pipelines.data.datasets import ImageFileDataset, limit_rows, make_loader
 from pipelines.model.checkpoint import run_key
-from pipelines.model.train import Stage, TrainConfig, default_criterion, fine_tuning_stages, fit
+from pipelines.model.stages import Stage, fine_tuning_stages
+from pipelines.model.train import TrainConfig, default_criterion, fit
 
 CPU = torch.device("cpu")
 

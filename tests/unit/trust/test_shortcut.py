@@ -148,7 +148,8 @@ def _train(train: tuple, val: tuple):
     """custom_cnn at 128 px through the real training loop (5 epochs from a seeded random init)."""
     from pipelines.model.backbones import create_backbone
     from pipelines.model.preprocess import preprocessing_from, to_tensor_batch
-    from pipelines.model.train import TrainConfig, fine_tuning_stages, fit
+    from pipelines.model.stages import fine_tuning_stages
+    from pipelines.model.train import TrainConfig, fit
 
     torch.manual_seed(0)  # the random init too, so the test trains the same model every time
     backbone = create_backbone("custom_cnn", len(CLASSES), pretrained=False, image_size=SIZE)
