@@ -256,24 +256,33 @@ def _check_inputs(
     return truth, proba
 
 
-def _bootstrap_macro_f1(
-    truth: np.ndarray, predicted: np.ndarray, num_classes: int, present: np.ndarray, rounds: int, seed: int
-) -> tuple[float, float]:
-    """Percentile 95% interval of macro-F1 (over the classes present in the full set) under resampling.
+def resampled_macro_f1(
+    truth: np.ndarray, predicted: np.ndarray, num_classes: int, draws: np.ndarray, present: np.ndarray | None = None
+) -> np.ndarray:
+    """Macro-F1 of every resample (rows of index array ``draws``) at once, over the ``present`` classes
+    (default: those in the full ``truth``, the same set in every resample).
 
-    `macro_f1`'s formula (F1 = 2·TP / (2·TP + FP + FN), 0 when undefined), vectorised over all resamples
-    at once: one sklearn call per resample would cost seconds per evaluation.
+    `macro_f1`'s formula (F1 = 2·TP / (2·TP + FP + FN), 0 when undefined), vectorised over all resamples:
+    one sklearn call per resample would cost seconds for thousands of resamples.
     """
-    if rounds <= 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
+    present = np.bincount(truth, minlength=num_classes) > 0 if present is None else present
+    rounds = len(draws)
     cells = truth * num_classes + predicted
-    samples = rng.integers(0, len(truth), size=(rounds, len(truth)))
     offsets = (np.arange(rounds) * num_classes**2)[:, None]
-    counts = np.bincount((cells[samples] + offsets).ravel(), minlength=rounds * num_classes**2)
+    counts = np.bincount((cells[draws] + offsets).ravel(), minlength=rounds * num_classes**2)
     confusions = counts.reshape(rounds, num_classes, num_classes)
     hits = np.diagonal(confusions, axis1=1, axis2=2).astype(float)
     denominator = confusions.sum(axis=1) + confusions.sum(axis=2)  # (TP + FP) + (TP + FN)
     f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
-    low, high = np.percentile(f1[:, present].mean(axis=1), [2.5, 97.5])
+    return f1[:, present].mean(axis=1)
+
+
+def _bootstrap_macro_f1(
+    truth: np.ndarray, predicted: np.ndarray, num_classes: int, present: np.ndarray, rounds: int, seed: int
+) -> tuple[float, float]:
+    """Percentile 95% interval of macro-F1 (over the classes present in the full set) under resampling."""
+    if rounds <= 0:
+        return float("nan"), float("nan")
+    samples = np.random.default_rng(seed).integers(0, len(truth), size=(rounds, len(truth)))
+    low, high = np.percentile(resampled_macro_f1(truth, predicted, num_classes, samples, present), [2.5, 97.5])
     return float(low), float(high)

@@ -20,6 +20,7 @@ from scipy.stats import beta
 from statsmodels.stats.contingency_tables import mcnemar
 
 from pipelines.core.errors import LeukopsError
+from pipelines.model.evaluate import resampled_macro_f1
 
 Side = Literal["two-sided", "upper", "lower"]
 
@@ -50,24 +51,6 @@ class BootstrapF1:
     n: int
 
 
-def _resampled_macro_f1(truth: np.ndarray, predicted: np.ndarray, num_classes: int, draws: np.ndarray) -> np.ndarray:
-    """Macro-F1 (over the classes present in ``truth``) of every resample (rows of ``draws``) at once.
-
-    F1 = 2·TP / (2·TP + FP + FN), 0 when undefined: ``pipelines.model.evaluate.macro_f1``'s formula,
-    vectorised (one sklearn call per resample would cost seconds for 2,000 resamples).
-    """
-    rounds = len(draws)
-    present = np.bincount(truth, minlength=num_classes) > 0
-    cells = truth * num_classes + predicted
-    offsets = (np.arange(rounds) * num_classes**2)[:, None]
-    counts = np.bincount((cells[draws] + offsets).ravel(), minlength=rounds * num_classes**2)
-    confusions = counts.reshape(rounds, num_classes, num_classes)
-    hits = np.diagonal(confusions, axis1=1, axis2=2).astype(float)
-    denominator = confusions.sum(axis=1) + confusions.sum(axis=2)  # (TP + FP) + (TP + FN)
-    f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
-    return f1[:, present].mean(axis=1)
-
-
 def bootstrap_macro_f1(
     truth: np.ndarray,
     predicted: np.ndarray,
@@ -92,12 +75,12 @@ def bootstrap_macro_f1(
         raise StatisticsInputError(f"bootstrap needs at least one resample, got {resamples}")
     draws = np.random.default_rng(seed).integers(0, len(truth), size=(resamples, len(truth)))
     everything = np.arange(len(truth))[None, :]
-    values = _resampled_macro_f1(truth, predicted, num_classes, draws)
-    point = float(_resampled_macro_f1(truth, predicted, num_classes, everything)[0])
+    values = resampled_macro_f1(truth, predicted, num_classes, draws)
+    point = float(resampled_macro_f1(truth, predicted, num_classes, everything)[0])
     if baseline is not None:
         baseline = np.asarray(baseline, dtype=int)
-        values = values - _resampled_macro_f1(truth, baseline, num_classes, draws)
-        point -= float(_resampled_macro_f1(truth, baseline, num_classes, everything)[0])
+        values = values - resampled_macro_f1(truth, baseline, num_classes, draws)
+        point -= float(resampled_macro_f1(truth, baseline, num_classes, everything)[0])
     tail = (1 - confidence) * 100
     low, high = np.percentile(values, [tail / 2, 100 - tail / 2])
     return BootstrapF1(
