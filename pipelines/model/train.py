@@ -341,7 +341,7 @@ def _train_stages(loop: _Loop, stages, state: _State, saved, checkpoint_path, ca
         while state.stage_epoch < stage.epochs:
             stop_reason = _stop_before_epoch(state, loop.config, loop.budget_s, last_stage)
             if stop_reason != "completed":
-                return "completed" if stop_reason == "planned_steps" else stop_reason
+                return _end_of_plan(loop, stages, state) if stop_reason == "planned_steps" else stop_reason
             record, ended = _run_epoch(loop, optimizer, state, stage)
             _advance(state, record, loop.eval_model, last_stage)
             more = state.stage_epoch < stage.epochs or state.stage_index < len(stages) - 1
@@ -359,6 +359,13 @@ def _train_stages(loop: _Loop, stages, state: _State, saved, checkpoint_path, ca
         state.stage_epoch = 0
         state.stale_epochs = 0
     return stop_reason
+
+
+def _end_of_plan(loop: _Loop, stages, state: _State) -> str:
+    """Why a run that did its planned steps ended: the budget, when it planned fewer steps than the epochs
+    asked for (so the outcome does not depend on how fast the machine happens to be), else completion."""
+    asked = sum(stage.epochs for stage in stages) * max(len(loop.train_loader), 1)
+    return "time_budget" if state.planned_steps < asked else "completed"
 
 
 def _stop_before_epoch(state: _State, config: TrainConfig, budget_s: float | None, last_stage: bool) -> str:

@@ -297,7 +297,7 @@ def test_budget_plans_the_schedule_in_steps_from_the_probe_and_the_first_epoch(m
     big_train = make_loader(_colour_images(16 * 14, 1), batch_size=16, train=True, device=CPU, seed=0, workers=0)
     result = fit(_tiny_net(), big_train, val, stages=[Stage("full", 20, 0.05, ("",))], config=config, device=CPU)
     assert plans == [12, 14] and result.planned_steps == 15  # 14 steps an epoch: the probe, then epoch 1
-    assert len(result.history) == 2 and result.stop_reason == "completed"
+    assert len(result.history) == 2 and result.stop_reason == "time_budget"  # the budget planned 15 of 280 steps
     assert result.history[-1].lr == pytest.approx(0.05 * TrainConfig().min_lr_ratio, rel=1e-3)
 
 
