@@ -59,6 +59,18 @@ class RunRecord:
     tags: dict[str, str]
 
 
+def run_record(run) -> RunRecord:
+    """The facts of an MLflow ``Run`` that leukops reads, as plain dicts."""
+    return RunRecord(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        artifact_uri=run.info.artifact_uri,
+        metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+    )
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     name: str
@@ -143,14 +155,7 @@ class Registry:
             if _is_missing(err):
                 raise RegistryError(f"MLflow run {run_id!r} not found at {self.settings.mlflow_tracking_uri}") from err
             raise
-        return RunRecord(
-            run_id=run.info.run_id,
-            experiment_id=run.info.experiment_id,
-            artifact_uri=run.info.artifact_uri,
-            metrics=dict(run.data.metrics),
-            params=dict(run.data.params),
-            tags=dict(run.data.tags),
-        )
+        return run_record(run)
 
     @_translated
     def log_text(self, run_id: str, text: str, artifact_file: str) -> str:

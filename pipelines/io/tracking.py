@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings
 from pipelines.io import layout
-from pipelines.io.registry import RunRecord
+from pipelines.io.registry import RunRecord, run_record
 from pipelines.io.search_filter import quoted
 
 RUN_KEY_TAG = "leukops_run_key"
@@ -62,17 +62,6 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
             k: v for key, sub in value.items() for k, v in _flatten(f"{prefix}.{key}" if prefix else key, sub).items()
         }
     return {prefix: value}
-
-
-def _run_record(run) -> RunRecord:
-    return RunRecord(
-        run_id=run.info.run_id,
-        experiment_id=run.info.experiment_id,
-        artifact_uri=run.info.artifact_uri,
-        metrics=dict(run.data.metrics),
-        params=dict(run.data.params),
-        tags=dict(run.data.tags),
-    )
 
 
 # -- training runs --------------------------------------------------------------------------------
@@ -170,7 +159,7 @@ def find_finished_run(settings: Settings, tags: dict[str, str]) -> RunRecord | N
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return _run_record(runs[0]) if runs else None
+    return run_record(runs[0]) if runs else None
 
 
 def download_model(settings: Settings, model_uri: str, dst: Path) -> tuple[Path, str | None]:
@@ -225,7 +214,7 @@ def log_drift_run(
 def read_run(settings: Settings, run_id: str) -> RunRecord:
     """The facts of an existing run (metrics, params, tags); names the run when it is missing."""
     try:
-        return _run_record(_client(settings).get_run(run_id))
+        return run_record(_client(settings).get_run(run_id))
     except MlflowException as err:
         raise TrackingError(f"MLflow run {run_id!r} at {settings.mlflow_tracking_uri}: {err}") from err
 
