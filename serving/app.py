@@ -2,12 +2,14 @@
 
 Settings are read once per app; the model is loaded once in the lifespan (then hot-reloaded by the
 holder's poller); the request log is flushed at shutdown. CORS is off unless
-``LEUKOPS_SERVING__CORS_ORIGINS`` lists origins. Run with ``leukops serve`` or
-``uvicorn --factory serving.app:create_app``.
+``LEUKOPS_SERVING__CORS_ORIGINS`` lists origins. The API docs and /metrics need a token (see
+``serving.deps``). Run with ``leukops serve`` (which refuses a non-loopback bind in the dev profile) or
+``uvicorn --factory serving.app:create_app`` (which cannot know its bind address: don't expose dev).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,15 +23,20 @@ from pipelines.model.preprocess import PreprocessError
 from pipelines.trust.localization import LocalizationInputError
 from pipelines.trust.segmentation import SegmentationError
 from serving.deps import TOKEN_SETTING, Services
+from serving.limits import Admission
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.model import BatchPredictor, ChampionSource, ModelHolder, ModelSource, ModelUnavailableError
 from serving.requestlog import RequestLog
-from serving.routes import probes, v1
+from serving.routes import operations, probes, v1
+
+log = logging.getLogger(__name__)
 
 
 def check_startup(settings: Settings) -> None:
-    """Refuse to start without what every request needs: a known task and the API token (named if missing)."""
+    """Refuse to start without what every request needs: a known task, the API token (named if missing)
+    and, outside dev/test, real secrets only."""
     get_task(settings.serving.task)
+    settings.check_secrets()  # every weak secret named at once
     settings.secret(TOKEN_SETTING)
 
 
@@ -37,7 +44,7 @@ def _request_log(settings: Settings) -> RequestLog:
     from pipelines.io.storage import ObjectStore
 
     return RequestLog(
-        ObjectStore.from_settings(settings),
+        ObjectStore.for_role(settings, "serving"),  # may write only serving/ keys: never raw data or reports
         flush_rows=settings.serving.request_log_flush_rows,
         flush_s=settings.serving.request_log_flush_s,
         keep_images=settings.serving.log_raw_images,
@@ -55,11 +62,14 @@ def create_app(
     check_startup(settings)  # a missing token or unknown task fails here, not at the first request
     serving = settings.serving
     source = model_source or ChampionSource(settings)
-    metrics = ServingMetrics()
+    metrics = ServingMetrics(per_class=serving.metrics_per_class)
+    admission = Admission.from_settings(serving)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        holder = ModelHolder(source, serving.reload_interval_s)
+        holder = ModelHolder(
+            source, serving.reload_interval_s, on_refusal=lambda reason: metrics.model_refusals.labels(reason).inc()
+        )
         log = _request_log(settings) if log_requests else None
         predictor = BatchPredictor(
             serving.max_batch, serving.batch_wait_ms, with_embeddings=serving.log_embeddings and log is not None
@@ -70,7 +80,7 @@ def create_app(
             lambda: holder.status.reloads,
             lambda: log.dropped if log else 0,
         )
-        app.state.services = Services(settings, holder, predictor, log, metrics)
+        app.state.services = Services(settings, holder, predictor, log, metrics, admission)
         try:
             yield
         finally:
@@ -84,6 +94,9 @@ def create_app(
         summary=f"blood-smear classification by the @champion of {source.name}",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # served by routes.operations, behind a token
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -98,12 +111,15 @@ def create_app(
     for image_error in (PreprocessError, SegmentationError, LocalizationInputError):
         app.add_exception_handler(image_error, _unprocessable)
     app.include_router(probes)
+    app.include_router(operations)
     app.include_router(v1)
     return app
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+    log.warning("answering 503: %s", exc)  # the reason may name hosts and keys: the log, not the client
+    detail = "no version of the model is loaded (yet); GET /readyz for the serving state"
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
 
 async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:

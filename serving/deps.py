@@ -1,4 +1,9 @@
-"""Request dependencies: the app's services, bearer-token auth and a safe image upload.
+"""Request dependencies: the app's services, token auth, admission (429s) and a safe image upload.
+
+/v1 takes the API token as a bearer token, then spends one of its rate-limit tokens; a prediction also
+takes an in-flight slot *before* its upload is read. Operations routes (/metrics, the API docs) take the
+API token or ``serving.metrics_token``, as a bearer token or as the Basic password (a browser asks for
+Basic and then sends it with the docs page's own /openapi.json fetch).
 
 The upload is read from the raw body stream with a byte cap *before* multipart parsing, so an oversize
 body is refused at the cap instead of being spooled to disk first; the image is then decoded by
@@ -9,23 +14,26 @@ Every bad input maps to a 4xx with a message that names the reason.
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from pipelines.core.settings import Settings, env_name
 from pipelines.data.imagefacts import DecodedImage, ImageDecodeError, decode_image
+from serving.limits import Admission, retry_after
 from serving.metrics import ServingMetrics
 from serving.model import BatchPredictor, ModelHolder
 from serving.requestlog import RequestLog
 
 UPLOAD_FIELD = "file"
 TOKEN_SETTING = "serving.token"  # the secret every /v1 request is checked against
-MIN_IMAGE_SIDE = 16  # smaller cannot hold a cell, and preprocessing / segmentation refuse it
+METRICS_TOKEN_SETTING = "serving.metrics_token"  # optional: operations routes only
+OPERATOR_REALM = "leukops operations"
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the file
 DECODE_STATUS = {
     "empty": 400,
@@ -36,6 +44,7 @@ DECODE_STATUS = {
 }
 
 _bearer = HTTPBearer(auto_error=False, description=env_name(TOKEN_SETTING))
+_basic = HTTPBasic(auto_error=False, realm=OPERATOR_REALM, description="any user name, a token as the password")
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Services:
     predictor: BatchPredictor
     request_log: RequestLog | None
     metrics: ServingMetrics
+    admission: Admission
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,57 @@ def require_token(
             f"missing bearer token (Authorization: Bearer <{env_name(TOKEN_SETTING)}>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
+    if not _matches(credentials.credentials, expected):
         raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    wait_s = get_services(request).admission.rate.take(TOKEN_SETTING)  # one bucket per accepted token
+    if wait_s > 0:
+        raise HTTPException(
+            429, f"rate limit of {env_name(TOKEN_SETTING)} reached", headers={"Retry-After": retry_after(wait_s)}
+        )
+
+
+async def prediction_slot(services: ServicesDep) -> AsyncIterator[None]:
+    """Hold one of ``serving.max_in_flight`` slots for the whole prediction; none free: 429 at once."""
+    cap = services.admission.predictions
+    if not cap.try_enter():
+        raise HTTPException(
+            429, f"{cap.limit} predictions are in flight (LEUKOPS_SERVING__MAX_IN_FLIGHT)", headers={"Retry-After": "1"}
+        )
+    try:
+        yield
+    finally:
+        cap.leave()
+
+
+def require_operator(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
+) -> None:
+    settings = get_services(request).settings
+    accepted = [settings.secret(TOKEN_SETTING)]
+    if settings.serving.metrics_token is not None:
+        accepted.append(settings.serving.metrics_token.get_secret_value())
+    presented = _presented_token(bearer, basic)
+    if presented is None or not any(_matches(presented, token) for token in accepted):
+        raise HTTPException(
+            401,
+            f"send {env_name(TOKEN_SETTING)} or {env_name(METRICS_TOKEN_SETTING)} as a bearer token "
+            "or as the Basic password",
+            headers={"WWW-Authenticate": f'Basic realm="{OPERATOR_REALM}", charset="UTF-8"'},
+        )
+
+
+def _presented_token(bearer: HTTPAuthorizationCredentials | None, basic: HTTPBasicCredentials | None) -> str | None:
+    if basic is not None:
+        return basic.password
+    if bearer is not None and bearer.scheme.lower() == "bearer":
+        return bearer.credentials
+    return None
+
+
+def _matches(presented: str, expected: str) -> bool:
+    return secrets.compare_digest(presented.encode(), expected.encode())
 
 
 async def read_capped_body(request: Request, max_bytes: int) -> bytes:
@@ -125,9 +184,8 @@ async def image_upload(request: Request, services: ServicesDep) -> Upload:
         image = await run_in_threadpool(decode_image, data, services.settings.serving.max_pixels)
     except ImageDecodeError as err:
         raise HTTPException(DECODE_STATUS.get(err.reason, 422), f"{name}: {err}") from err
-    height, width = image.rgb.shape[:2]
-    if min(height, width) < MIN_IMAGE_SIDE:
-        raise HTTPException(422, f"{name}: {width}x{height} px is too small (min {MIN_IMAGE_SIDE} px a side)")
+    if (side_error := image.side_error()) is not None:  # the ingest suite's rule: no train/serve skew
+        raise HTTPException(422, f"{name}: {side_error}")
     return Upload(image, data, upload.filename)
 
 

@@ -3,6 +3,8 @@
 Each app owns its ``CollectorRegistry`` (two apps in one process, as in tests, never collide). Requests
 are counted by a pure ASGI middleware keyed by the route *template* (``/v1/predict``), never the raw
 path, so label cardinality stays bounded. With ``--workers N`` each worker reports its own series.
+Predictions are counted per class only when asked (``serving.metrics_per_class``): at low traffic a
+per-class counter that rises by one tells a scraper what one patient's image was classified as.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 class ServingMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, per_class: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.per_class = per_class
         labels = ("method", "route", "status")
         self.requests = Counter("leukops_requests", "HTTP requests", labels, registry=self.registry)
         self.errors = Counter(
@@ -43,12 +46,21 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.predictions = Counter(
-            "leukops_predictions", "predictions by class", ("predicted_class",), registry=self.registry
+            "leukops_predictions",
+            "predictions by class" if per_class else "predictions",
+            ("predicted_class",) if per_class else (),
+            registry=self.registry,
         )
         self.model_version = Gauge(
             "leukops_model_version", "served registry version (NaN: none)", registry=self.registry
         )
         self.model_reloads = Gauge("leukops_model_reloads", "model versions loaded since start", registry=self.registry)
+        self.model_refusals = Counter(
+            "leukops_model_refusals",
+            "model versions refused before loading: not attested (reason: pipelines.trust.attestation)",
+            ("reason",),
+            registry=self.registry,
+        )
         self.request_log_dropped = Gauge(
             "leukops_request_log_dropped", "request-log rows dropped", registry=self.registry
         )
@@ -58,6 +70,9 @@ class ServingMetrics:
         self.model_version.set_function(lambda: _as_number(version()))
         self.model_reloads.set_function(lambda: float(reloads()))
         self.request_log_dropped.set_function(lambda: float(dropped()))
+
+    def count_prediction(self, predicted_class: str) -> None:
+        (self.predictions.labels(predicted_class) if self.per_class else self.predictions).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,32 +3,42 @@
 A request takes one reference to the current ``ServedModel`` and uses only that object, so swapping the
 reference (a single attribute assignment) never disturbs a request in flight: it finishes on the model it
 started with. A version that fails to load leaves the old model serving; the failure shows in
-``/readyz``. Inference runs on one worker thread that gathers concurrent requests into micro-batches:
-on CPU one forward pass over N images is cheaper than N passes, and one thread avoids oversubscribing
-the cores PyTorch already parallelises over.
+``/readyz``. The registry source loads only a version whose promotion attestation verifies with the
+public key of serving's own settings (``pipelines.trust.attestation``); a refused version is counted,
+audited (logger ``leukops.audit``) and reported by ``/readyz`` as "refused: not attested", nothing more.
+Inference runs on one worker thread that gathers concurrent requests into micro-batches: on CPU one
+forward pass over N images is cheaper than N passes, and one thread avoids oversubscribing the cores
+PyTorch already parallelises over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from pipelines.core.errors import LeukopsError
+from pipelines.core.settings import SettingsError, env_name
 from pipelines.model.predict import predict
+from pipelines.trust.attestation import UNATTESTED, NotAttestedError, Statement, load_verified, verifying_key
 
 if TYPE_CHECKING:
     from pipelines.core.settings import Settings
     from pipelines.model.bundle import LoadedModel
 
 log = logging.getLogger("leukops.serving")
+audit_log = logging.getLogger("leukops.audit")
+REFUSED = "refused: not attested"  # all /readyz says of a refusal: the reason and detail go to the audit log
 
 
 class ModelUnavailableError(LeukopsError):
@@ -59,12 +69,16 @@ class ModelSource(Protocol):
 
     def load(self, version: str) -> LoadedModel: ...
 
+    def attestation(self, version: str) -> dict[str, Any]:
+        """What ``GET /v1/model`` reports of the loaded version's attestation (``UNATTESTED`` if none)."""
+
 
 class ChampionSource:
     """The ``@champion`` version of ``leukops-<task>`` in the MLflow registry, loaded by version number.
 
     Loading the resolved version (not the alias) makes the loaded weights exactly the version that
-    ``resolve`` saw, even if the alias moves again during the download.
+    ``resolve`` saw, even if the alias moves again during the download. Only the newest attested
+    promotion loads: ``newest_sequence`` (the served version's) only grows.
     """
 
     def __init__(self, settings: Settings, task: str | None = None) -> None:
@@ -73,6 +87,10 @@ class ChampionSource:
         self.task = task or settings.serving.task
         self.name = settings.registered_model_name(self.task)
         self.registry = Registry.from_settings(settings)
+        self.settings = settings
+        self.public_key = _public_key(settings)
+        self.newest_sequence = 0
+        self._statements: dict[str, Statement] = {}
 
     def resolve(self) -> str:
         champion = self.registry.champion(self.task)
@@ -90,11 +108,31 @@ class ChampionSource:
         The run's model is what the version was registered from; reading it by run id does not depend
         on how the registry recorded the version's source (a run-artifact path or a logged-model id).
         """
-        from pipelines.io.layout import registered_version_uri, run_model_uri
-        from pipelines.model.bundle import load_model
+        loaded, statement = load_verified(
+            self.registry, self.settings, self.task, version, self.public_key, self.newest_sequence
+        )
+        self.newest_sequence = statement.sequence
+        self._statements[version] = statement
+        return loaded
 
-        run_id = self.describe(version).run_id
-        return load_model(run_model_uri(run_id) if run_id else registered_version_uri(self.name, version))
+    def attestation(self, version: str) -> dict[str, Any]:
+        statement = self._statements.get(version)
+        return statement.summary() if statement else dict(UNATTESTED)
+
+
+def _public_key(settings: Settings):
+    """Serving's verifying key. Outside dev a missing key, or a signing key within reach, stops start-up."""
+    key = verifying_key(settings)
+    if settings.profile != "dev":
+        if key is None:
+            raise SettingsError(f"{env_name('serving.attestation_public_key')} is not set: serving verifies promotions")
+        if settings.promotion_signing_key is not None:
+            raise SettingsError(
+                f"{env_name('promotion_signing_key')} is set for serving: the signing key stays with promotion"
+            )
+    if key is None:
+        log.warning("no attestation public key: every version of %s will be refused", settings.serving.task)
+    return key
 
 
 @dataclass
@@ -105,6 +143,7 @@ class ServedModel:
     model: LoadedModel
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)
+    attestation: dict[str, Any] = field(default_factory=lambda: dict(UNATTESTED))
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -116,15 +155,20 @@ class ReloadStatus:
     last_check: float | None = None
     last_error: str | None = None
     failed_version: str | None = None
+    refused_version: str | None = None  # the last version refused as not attested
+    refusals: int = 0
     reloads: int = 0
 
 
 class ModelHolder:
     """Holds the current ``ServedModel`` and polls the source for a new version in a daemon thread."""
 
-    def __init__(self, source: ModelSource, reload_interval_s: float) -> None:
+    def __init__(
+        self, source: ModelSource, reload_interval_s: float, on_refusal: Callable[[str], None] | None = None
+    ) -> None:
         self.source = source
         self.reload_interval_s = reload_interval_s
+        self.on_refusal = on_refusal or (lambda reason: None)  # e.g. a Prometheus counter, by reason
         self.status = ReloadStatus()
         self._current: ServedModel | None = None
         self._stop = threading.Event()
@@ -167,26 +211,50 @@ class ModelHolder:
             return False
         current = self._current
         if current is not None and current.version.version == version:
-            self.status.last_error = self.status.failed_version = None
+            self.status.last_error = self.status.failed_version = self.status.refused_version = None
             return False
-        if version == self.status.failed_version and current is not None:
+        if version == self.status.failed_version and (current is not None or version == self.status.refused_version):
             return False  # already failed to load; the old model serves until the alias moves again
-        # with no model loaded at all, a failed version is retried on every poll (e.g. S3 was briefly down)
+        # with no model loaded at all, a failed version is retried on every poll (e.g. S3 was briefly down);
+        # a refused one is not: its attestation will not change by waiting
         try:
             served = self._load(version)
+        except NotAttestedError as err:
+            self._refuse(version, err)
+            return False
         except Exception as err:  # noqa: BLE001 - any load failure keeps the old model serving
             self._record_failure(version, f"loading {self.source.name} version {version} failed: {err}")
             return False
         self._current = served
         self.status.reloads += 1
-        self.status.last_error = self.status.failed_version = None
+        self.status.last_error = self.status.failed_version = self.status.refused_version = None
         log.info("serving %s version %s", self.source.name, version)
         return True
 
     def _load(self, version: str) -> ServedModel:
         model = self.source.load(version)
         model.module.to(memory_format=torch.channels_last)  # NHWC convolutions are faster on CPU (and GPU)
-        return ServedModel(self.source.describe(version), model, time.time())
+        return ServedModel(
+            self.source.describe(version), model, time.time(), attestation=self.source.attestation(version)
+        )
+
+    def _refuse(self, version: str, err: NotAttestedError) -> None:
+        """Keep the current model; count, audit and report the refusal (its details only in the audit log)."""
+        self._record_failure(version, REFUSED)
+        self.status.refused_version = version
+        self.status.refusals += 1
+        self.on_refusal(err.reason)
+        record = {
+            "action": "refuse",
+            "who": "serving",
+            "model": self.source.name,
+            "version": version,
+            "reason": err.reason,
+            "detail": err.detail,
+            "serving": self._current.version.version if self._current else None,
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        audit_log.warning(json.dumps(record, sort_keys=True))
 
     def _record_failure(self, version: str | None, message: str) -> None:
         self.status.last_error = message
@@ -213,6 +281,9 @@ class ModelHolder:
             "reloads": self.status.reloads,
             "reload_error": self.status.last_error,
             "failed_version": self.status.failed_version,
+            "reload_state": REFUSED if self.status.refused_version else None,  # /readyz shows this, not the error
+            "refused_version": self.status.refused_version,
+            "refusals": self.status.refusals,
         }
 
 

@@ -1,4 +1,8 @@
-"""HTTP routes: thin wiring from a request to the model holder, the predictor and the request log."""
+"""HTTP routes: thin wiring from a request to the model holder, the predictor and the request log.
+
+Probes (/healthz, /readyz) answer anyone, so they give state only: a reload's error text goes to the
+log, never into a response. /metrics and the API docs need a token (``require_operator``).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,26 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from serving.deps import UPLOAD_FIELD, Services, ServicesDep, Upload, UploadDep, require_token
+from serving.deps import (
+    UPLOAD_FIELD,
+    Services,
+    ServicesDep,
+    Upload,
+    UploadDep,
+    prediction_slot,
+    require_operator,
+    require_token,
+)
 from serving.explain import explain_image
 from serving.model import Prediction
 from serving.requestlog import LoggedRequest
 
 probes = APIRouter(tags=["operations"])
+operations = APIRouter(tags=["operations"], dependencies=[Depends(require_operator)])
 v1 = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_token)])
 
 MULTIPART_IMAGE_BODY = {
@@ -62,6 +77,7 @@ class PredictResponse(BaseModel):
     latency_ms: float = Field(description="preprocessing + inference (+ explanation); upload/decode excluded")
     batch_size: int = Field(description="images in the micro-batch this one was inferred with")
     explanation: Explanation | None = None
+    notes: list[str] = Field(default_factory=list, description="what decoding changed, e.g. greyscale to RGB")
 
 
 @probes.get("/healthz", summary="liveness: the process answers")
@@ -69,11 +85,15 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@probes.get("/readyz", summary="readiness: a model is loaded; reload errors in the details")
+READINESS_STATE = ("ready", "model", "version", "loaded_at", "last_check", "reloads", "failed_version")
+
+
+@probes.get("/readyz", summary="readiness: a model is loaded; the last reload's state (ok, failed, refused: ...)")
 def readyz(services: ServicesDep) -> JSONResponse:
     details = services.holder.readiness()
+    state = {key: details.get(key) for key in READINESS_STATE} | {"reload": reload_state(details)}
     log = services.request_log
-    details["request_log"] = (
+    state["request_log"] = (
         None
         if log is None
         else {
@@ -82,13 +102,34 @@ def readyz(services: ServicesDep) -> JSONResponse:
             "dropped_rows": log.dropped,
         }
     )
-    return JSONResponse(details, status_code=200 if details["ready"] else 503)
+    return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
 
-@probes.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def reload_state(details: dict) -> str:
+    """The holder's own short public state when it gives one (e.g. "refused: not attested"), else
+    "failed" or "ok": error text names hosts, buckets and keys (the holder logs it)."""
+    return details.get("reload_state") or ("failed" if details.get("reload_error") else "ok")
+
+
+@operations.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     serving_metrics = request.app.state.metrics
     return Response(serving_metrics.render(), media_type=serving_metrics.content_type)
+
+
+@operations.get("/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@operations.get("/docs", include_in_schema=False)
+def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - docs")
+
+
+@operations.get("/redoc", include_in_schema=False)
+def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc")
 
 
 @v1.post(
@@ -96,6 +137,7 @@ def metrics(request: Request) -> Response:
     response_model=PredictResponse,
     openapi_extra=MULTIPART_IMAGE_BODY,
     summary="classify one smear image; ?explain=gradcam adds a heatmap overlay and localization",
+    dependencies=[Depends(prediction_slot)],  # taken before the upload is read: 429 instead of memory
 )
 async def predict(
     upload: UploadDep,
@@ -112,7 +154,7 @@ async def predict(
     if explain == "gradcam":
         explanation = Explanation(**await run_in_threadpool(explain_image, served, upload.image.rgb, best))
     request_id = uuid.uuid4().hex
-    services.metrics.predictions.labels(classes[best]).inc()
+    services.metrics.count_prediction(classes[best])
     _log_request(services, upload, prediction, request_id, classes[best])
     return PredictResponse(
         request_id=request_id,
@@ -127,6 +169,7 @@ async def predict(
         ),
         latency_ms=round((time.perf_counter() - started) * 1000, 3),
         batch_size=prediction.batch_size,
+        notes=upload.image.conversion_notes,
         explanation=explanation,
     )
 
@@ -152,7 +195,7 @@ def _log_request(services: Services, upload: Upload, prediction: Prediction, req
     )
 
 
-@v1.get("/model", summary="the served version: aliases, task, classes, preprocessing, gate summary")
+@v1.get("/model", summary="the served version: aliases, task, classes, preprocessing, gate summary, attestation")
 def model_info(services: ServicesDep) -> dict:
     served = services.holder.require()
     version = services.holder.describe_current()
@@ -165,5 +208,6 @@ def model_info(services: ServicesDep) -> dict:
         "classes": list(served.classes),
         "preprocessing": served.model.preprocessing,
         "gate": {k.removeprefix("gate."): v for k, v in version.tags.items() if k.startswith("gate.")},
+        "attestation": served.attestation,  # verified when this version was loaded
         "loaded_at": datetime.fromtimestamp(served.loaded_at, UTC).isoformat(),
     }

@@ -25,10 +25,13 @@ COMMAND_MODULES = (
     "serve",
     "models",
     "data",
+    "conflicts",
     "drift",
     "train",
     "evaluate",
     "explain",
+    "keys",
+    "fsck",
 )
 
 
@@ -51,6 +54,14 @@ def add_command(
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=handler)
     return parser
+
+
+def add_dev_exposure_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--i-know-this-is-dev",
+        action="store_true",
+        help="allow a non-loopback address with LEUKOPS_PROFILE=dev, whose built-in secrets are public",
+    )
 
 
 def render_human(data: dict[str, Any], indent: int = 0) -> str:

@@ -120,7 +120,7 @@ def _grouping_preview(source, settings) -> dict | None:
     source = validate_source(source, where)
     if not source.grouping.is_regex or source.is_s3:
         return None
-    paths = [f.path for f in list_files(source, reader_for(source, settings)) if f.path_error is None]
+    paths = [f.path for f in list_files(source, reader_for(source, settings)) if f.readable]
     found = preview(source.grouping, paths)
     if found["unmatched"]:
         raise SourceError(

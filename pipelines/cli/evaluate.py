@@ -2,7 +2,9 @@
 
 ``--source S``: one model (alias or run id) on one source, printed. ``--all-holdouts``: one model on every
 registered holdout source of its task, the figures logged to its training run (``holdout.<source>.*``
-metrics, what the gate's ``holdout_macro_f1_min`` reads).
+metrics, what the gate's ``holdout_macro_f1_min`` reads). ``--model champion`` is verified first, as
+serving does (``pipelines.trust.attestation``): not the newest attested promotion, or files that differ
+from the signed hashes, and nothing is evaluated; else the verified version's run is what is evaluated.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.cli import Output, add_command
+from pipelines.core.errors import LeukopsError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,11 +36,12 @@ def _evaluate(args: argparse.Namespace) -> Output:
     from pipelines.core.settings import get_settings
 
     settings = get_settings()
+    attestation = _verified_champion(settings, args) if args.model == "champion" else None
     if args.all_holdouts:
         return _all_holdouts(settings, args)
     from pipelines.model.holdout import evaluate_on_source
 
-    result = evaluate_on_source(settings, args.model, args.source, task=args.task)
+    result = evaluate_on_source(settings, args.model, args.source, task=args.task) | {"attestation": attestation}
     per_class = "\n".join(
         f"  {name:<14} recall {m['recall']:.3f}  precision {m['precision']:.3f}  n={m['support']}"
         for name, m in result["per_class"].items()
@@ -53,6 +57,23 @@ def _evaluate(args: argparse.Namespace) -> Output:
         f" (uncalibrated {result['ece_uncalibrated']:.4f})\n{per_class}{absent}"
     )
     return Output(result, text)
+
+
+def _verified_champion(settings, args: argparse.Namespace) -> dict:
+    """Verify @champion and pin ``args.model`` / ``args.task`` to its run, so the version verified is the one
+    evaluated even if the alias moves meanwhile."""
+    from pipelines.trust.attestation import verify_champion
+
+    if not args.task:
+        from pipelines.data.sources import load_source
+
+        tasks = load_source(args.source, settings).tasks if args.source else ()
+        if len(tasks) != 1:
+            raise LeukopsError("--model champion names an alias of a task's registered model: pass --task")
+        args.task = tasks[0]
+    statement = verify_champion(settings, args.task)
+    args.model = statement.run_id
+    return statement.summary() | {"version": statement.version}
 
 
 def _all_holdouts(settings, args: argparse.Namespace) -> Output:

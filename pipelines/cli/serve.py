@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipelines.cli import Output, add_command
+from pipelines.cli import Output, add_command, add_dev_exposure_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", help="task to serve (default: LEUKOPS_SERVING__TASK)")
     levels = ["critical", "error", "warning", "info", "debug"]
     parser.add_argument("--log-level", default="info", choices=levels, help="uvicorn log level")
+    add_dev_exposure_flag(parser)
 
 
 def _serve(args: argparse.Namespace) -> Output:
@@ -25,10 +26,12 @@ def _serve(args: argparse.Namespace) -> Output:
     from pipelines.core.settings import get_settings
     from serving.app import check_startup
 
+    os.environ["LEUKOPS_MLFLOW_ROLE"] = "serving"  # MLflow READ only, never the dev default (promotion)
     if args.task:
         os.environ["LEUKOPS_SERVING__TASK"] = args.task  # workers are fresh processes: pass it through the env
-        get_settings.cache_clear()
+    get_settings.cache_clear()
     settings = get_settings()
+    settings.check_bind(args.host, "serving", acknowledged=args.i_know_this_is_dev)
     check_startup(settings)  # fail here, with the variable named, rather than inside each worker
     uvicorn.run(
         "serving.app:create_app",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import Output, add_command
+from pipelines.cli import Output, add_command, add_dev_exposure_flag
 
 MARK = {True: "healthy", False: "DOWN"}
 
@@ -12,7 +12,8 @@ MARK = {True: "healthy", False: "DOWN"}
 def register(sub: argparse._SubParsersAction) -> None:
     stack = sub.add_parser("stack", help="start, stop or inspect the embedded local stack")
     actions = stack.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add_command(actions, "up", "start SeaweedFS S3, PostgreSQL, Redis and MLflow; wait until all answer", _up)
+    up = add_command(actions, "up", "start SeaweedFS S3, PostgreSQL, Redis and MLflow; wait until all answer", _up)
+    add_dev_exposure_flag(up)
     add_command(actions, "down", "stop every process this state dir started (Airflow's too)", _down)
     add_command(actions, "status", "report whether each component answers", _status)
 
@@ -22,6 +23,26 @@ def _stack():
     from pipelines.devstack.stack import LocalStack
 
     return LocalStack(get_settings())
+
+
+def _check_exposure(args: argparse.Namespace) -> None:
+    """Real secrets only (outside dev/test); in dev, no endpoint of the stack on a non-loopback host.
+
+    The services bind 127.0.0.1 themselves; an endpoint setting naming another host means the stack is
+    meant to be reached from elsewhere, with the dev profile's public keys.
+    """
+    from urllib.parse import urlparse
+
+    from pipelines.core.settings import get_settings
+
+    settings = get_settings()
+    settings.check_secrets()
+    for variable, url in (
+        ("LEUKOPS_S3_ENDPOINT", settings.s3_endpoint),
+        ("LEUKOPS_MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
+    ):
+        host = urlparse(url).hostname or ""
+        settings.check_bind(host, f"the stack ({variable})", acknowledged=args.i_know_this_is_dev)
 
 
 def _human(status: dict) -> str:
@@ -37,6 +58,7 @@ def _human(status: dict) -> str:
 
 
 def _up(args: argparse.Namespace) -> Output:
+    _check_exposure(args)
     status = _stack().up()
     return Output(status, _human(status))
 

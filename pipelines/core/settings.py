@@ -5,15 +5,19 @@ file, then the versioned config file. Secrets are demanded by the component that
 (``settings.secret("serving.token")``), not when the settings load: a process that never touches a
 secret (an Airflow DAG being parsed, a training job) needs nothing set for it. Secrets have defaults
 only in the explicit ``dev`` profile; any other profile refuses to use a missing one, naming the
-variable to set.
+variable to set. Outside ``dev`` and ``test`` (unit tests' short fixtures) a secret must also *be* one:
+at least 16 characters, no ``change-me`` placeholder, no dev default (``secret_weakness``); each
+component checks every secret it holds at start-up (``Settings.check_secrets``) and at use.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Iterator
 from functools import lru_cache, reduce
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, SecretStr
@@ -29,6 +33,8 @@ from pipelines.core.errors import LeukopsError
 DEV_S3_ACCESS_KEY = "leukops-dev"
 DEV_S3_SECRET_KEY = "leukops-dev-secret-not-for-production"  # noqa: S105 - dev profile only
 DEV_API_TOKEN = "leukops-dev-token"  # noqa: S105 - dev profile only
+S3Role = Literal["ingest", "training", "drift", "serving"]  # least-privilege S3 identities (io/layout.ROLE_WRITES)
+S3_ROLES: tuple[S3Role, ...] = get_args(S3Role)
 DEV_SECRETS = {  # every secret setting (a field path) and its dev-profile default
     "s3_access_key": DEV_S3_ACCESS_KEY,
     "s3_secret_key": DEV_S3_SECRET_KEY,
@@ -36,7 +42,23 @@ DEV_SECRETS = {  # every secret setting (a field path) and its dev-profile defau
     "postgres_password": "leukops-dev-postgres",  # the local stack's metadata DB (Airflow + MLflow)
     "redis_password": "leukops-dev-redis",  # the Celery broker
     "airflow_admin_password": "admin",  # the simple auth manager's local admin user
+    "mlflow_server_secret_key": "leukops-dev-mlflow-flask-secret",  # the MLflow server's Flask sessions/CSRF
+    "mlflow_users.admin": "leukops-dev-mlflow-admin",  # MLflow's bootstrap admin: people, the UI, provisioning
+    "mlflow_users.promotion": "leukops-dev-mlflow-promotion",
+    "mlflow_users.training": "leukops-dev-mlflow-training",
+    "mlflow_users.drift": "leukops-dev-mlflow-drift",
+    "mlflow_users.serving": "leukops-dev-mlflow-serving",
+    "mlflow_users.qa": "leukops-dev-mlflow-qa",
+    **{f"s3_roles.{role}.access_key": f"leukops-dev-s3-{role}" for role in S3_ROLES},
+    **{f"s3_roles.{role}.secret_key": f"leukops-dev-s3-{role}-secret" for role in S3_ROLES},
 }
+MlflowRole = Literal["promotion", "training", "drift", "serving", "qa"]  # one MLflow user per process role
+
+
+SECRET_MIN_LENGTH = 16
+PLACEHOLDER_MARK = "change-me"  # what .env.example's placeholders contain
+RELAXED_PROFILES = frozenset({"dev", "test"})  # dev: the public defaults above; test: unit tests' fixtures
+GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 class SettingsError(LeukopsError):
@@ -122,7 +144,7 @@ class RetrainConfig(BaseModel):
     time_budget_min: float | None = 10.0  # per candidate, training + validation wall time
     lr: float = 1e-3  # AdamW peak LR (head; layer-wise decay below it for pretrained encoders)
     head_epochs: int = 0  # pretrained: head-only epochs before full fine-tuning
-    layer_lr_floor: float = 0.1  # pretrained: LR scale of the encoder's first layer group (1 = uniform)
+    layer_lr_floor: float = 1.0  # pretrained: LR scale of the encoder's first layer group (1 = uniform)
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_ratio: float = 0.05  # linear warm-up over this share of the planned steps, then cosine (per update)
@@ -152,6 +174,44 @@ class ServingSettings(BaseModel):
     max_batch: int = 8  # micro-batch size for concurrent predictions (1 = off)
     batch_wait_ms: float = 2.0  # how long a request waits for others to join its batch
     cors_origins: list[str] = Field(default_factory=list)  # CORS allow-list (empty = CORS off)
+    # Ed25519 public key (PEM) that verifies promotion attestations; dev: <state_dir>/keys/ (leukops keys generate)
+    attestation_public_key: Path | None = None
+    # /metrics, /docs, /redoc, /openapi.json take the API token or this one (a scraper needs no /v1 access)
+    metrics_token: SecretStr | None = None
+    metrics_per_class: bool = False  # predictions counted per class: at low traffic they reveal single results
+    max_in_flight: int = 8  # predictions at once (each holds a decoded image of up to max_pixels); more: 429
+    rate_limit_per_s: float = 20.0  # sustained /v1 requests per second per token (0 = no limit); more: 429
+    rate_limit_burst: int = 40  # requests a token may send at once before the rate applies
+
+
+class MlflowUsers(BaseModel):
+    """Passwords of the MLflow server's users (its basic-auth app); a user's name is its field's name, the
+    admin's ``mlflow_admin_user``. Set e.g. LEUKOPS_MLFLOW_USERS__TRAINING; read with
+    ``Settings.secret("mlflow_users.training")``. promotion is an MLflow admin, training and drift may edit
+    their experiments, serving and qa only read (pipelines.io.mlflow_access)."""
+
+    admin: SecretStr | None = None
+    promotion: SecretStr | None = None
+    training: SecretStr | None = None
+    drift: SecretStr | None = None
+    serving: SecretStr | None = None
+    qa: SecretStr | None = None
+
+
+class S3Credentials(BaseModel):
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+
+
+class S3Roles(BaseModel):
+    """The key pair of each least-privilege S3 identity, e.g. LEUKOPS_S3_ROLES__SERVING__ACCESS_KEY; a process
+    with ``s3_role`` set uses its role's pair (``ObjectStore.from_settings``), what each role may write is
+    ``pipelines.io.layout.ROLE_WRITES``. ``s3_access_key``/``s3_secret_key`` stay the stack's admin pair."""
+
+    ingest: S3Credentials = Field(default_factory=S3Credentials)
+    training: S3Credentials = Field(default_factory=S3Credentials)
+    drift: S3Credentials = Field(default_factory=S3Credentials)
+    serving: S3Credentials = Field(default_factory=S3Credentials)
 
 
 class SchedulesConfig(BaseModel):
@@ -182,10 +242,16 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     data_bucket: str = "leukops-data"
     artifacts_bucket: str = "leukops-mlflow"
+    s3_role: S3Role | None = None  # the S3 identity this process's stores use (None: the admin pair above)
+    s3_roles: S3Roles = Field(default_factory=S3Roles)
 
     mlflow_tracking_uri: str = "http://127.0.0.1:15000"
     mlflow_experiment: str = "leukops"
     registered_model_prefix: str = "leukops"
+    mlflow_role: MlflowRole | None = None  # the MLflow user this process logs in as (unset in dev: promotion)
+    mlflow_admin_user: str = "admin"
+    mlflow_users: MlflowUsers = Field(default_factory=MlflowUsers)
+    mlflow_server_secret_key: SecretStr | None = None  # MLFLOW_FLASK_SERVER_SECRET_KEY of the MLflow server
 
     airflow_url: str = "http://127.0.0.1:8080"  # the Airflow api-server (UI, REST API, execution API)
     airflow_admin_user: str = "admin"
@@ -194,6 +260,7 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None  # embedded stack: Celery broker
 
     sources_dir: Path = Path("expectations/sources")
+    max_file_bytes: int = 64 * 1024 * 1024  # ingest refuses a larger source file from its stat, unread
     suite_dir: Path = Path("expectations")
     config_file: Path = Field(default_factory=config_file_path)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
@@ -202,6 +269,8 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     gate: GateThresholds = Field(default_factory=GateThresholds)
     require_approval: bool = False  # promotion: a passing candidate waits as @challenger for `leukops approve`
+    # Ed25519 private key (PEM) the promotion job signs attestations with; never given to serving
+    promotion_signing_key: Path | None = None  # dev: <state_dir>/keys/ (pipelines.trust.attestation)
     actor: str | None = None  # who registry audit tags name (default: the OS user), e.g. airflow:<dag_run_id>
     drift: DriftThresholds = Field(default_factory=DriftThresholds)  # pipelines.monitor.drift (issue 7)
 
@@ -234,17 +303,80 @@ class Settings(BaseSettings):
         """The secret at ``path`` (a key of ``DEV_SECRETS``), demanded by the component about to use it.
 
         Only the dev profile falls back to a built-in value; elsewhere a missing secret is an error that
-        names its environment variable.
+        names its environment variable, and so is a weak one outside dev/test.
         """
         value: SecretStr | None = reduce(getattr, path.split("."), self)
         if value is not None:
+            self._refuse_weak(path, value.get_secret_value())
             return value.get_secret_value()
-        if self.profile == "dev":
+        if self.profile == "dev" and path in DEV_SECRETS:
             return DEV_SECRETS[path]
         raise SettingsError(
-            f"{env_name(path)} is not set (profile {self.profile!r}); set it, "
+            f"{env_name(path)} is not set (profile {self.profile!r}); set it (e.g. {GENERATE_SECRET}), "
             "or use LEUKOPS_PROFILE=dev for the embedded local stack"
         )
+
+    def check_secrets(self) -> None:
+        """A component's start-up check: every secret that is set must be a real one (outside dev/test).
+
+        Walks the whole model, so a secret setting added anywhere is covered; unset secrets are left to
+        ``secret()`` (demanded by the component that uses one).
+        """
+        if self.profile in RELAXED_PROFILES:
+            return
+        weak = [(path, reason) for path, value in secret_fields(self) if (reason := secret_weakness(value))]
+        if weak:
+            listing = "; ".join(f"{env_name(path)} {reason}" for path, reason in weak)
+            raise SettingsError(f"{listing} (profile {self.profile!r}); generate each with {GENERATE_SECRET}")
+
+    def _refuse_weak(self, path: str, value: str) -> None:
+        reason = None if self.profile in RELAXED_PROFILES else secret_weakness(value)
+        if reason is not None:
+            raise SettingsError(
+                f"{env_name(path)} {reason} (profile {self.profile!r}); generate one with {GENERATE_SECRET}"
+            )
+
+    def check_bind(self, host: str, what: str, acknowledged: bool = False) -> None:
+        """Refuse to expose ``what`` beyond loopback in the dev profile, whose built-in secrets are public."""
+        if self.profile != "dev" or acknowledged or is_loopback(host):
+            return
+        raise SettingsError(
+            f"refusing to bind {what} to {host!r}: LEUKOPS_PROFILE=dev uses public built-in secrets (the API "
+            "token, the S3 keys). Bind 127.0.0.1, or run a non-dev profile with real secrets, or pass "
+            "--i-know-this-is-dev"
+        )
+
+
+def secret_weakness(secret: SecretStr | str) -> str | None:
+    """Why ``secret`` cannot be a production secret (a phrase to follow its variable's name), or None."""
+    value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    if PLACEHOLDER_MARK in value.lower():
+        return f"still holds the {PLACEHOLDER_MARK!r} placeholder"
+    if value in DEV_SECRETS.values():
+        return "is a public dev-profile default"
+    if len(value) < SECRET_MIN_LENGTH:
+        return f"is shorter than {SECRET_MIN_LENGTH} characters"
+    return None
+
+
+def secret_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, SecretStr]]:
+    """(settings path, value) of every secret that is set, nested sections included."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            yield prefix + name, value
+        elif isinstance(value, BaseModel):
+            yield from secret_fields(value, f"{prefix}{name}.")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1); names other than localhost are not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def env_name(path: str) -> str:

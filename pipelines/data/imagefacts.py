@@ -9,18 +9,41 @@ ingest manifests are comparable).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.core.errors import LeukopsError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 # Plain raster formats only: Pillow's other openers (EPS via Ghostscript, PSD, FITS, ...) are not for smears.
 RASTER_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+DECODE_REASONS = (
+    "empty",
+    "not_an_image",
+    "corrupt",
+    "truncated",
+    "too_many_pixels",
+    "unsupported_mode",
+    "decoder_error",
+)
+# What Pillow's own fuzzers expect from hostile files besides OSError/SyntaxError/ValueError (a parser
+# that trusts a size, an offset or a tag type from the file): a decode error, never a crashed batch.
+HOSTILE_FILE_ERRORS = (
+    TypeError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    OverflowError,
+    NotImplementedError,
+    MemoryError,
+)
 FACT_COLUMNS = (
     "width",
     "height",
@@ -51,42 +74,84 @@ class ImageDecodeError(LeukopsError, ValueError):
         self.detail = detail
 
 
+# The side lengths an image may have: the ingest suite's `size_out_of_range` rule
+# (expectations/suites/image_batch.json, checked equal by a test); serving applies the same.
+IMAGE_SIDE_RANGE = (64, 8192)
+_CHANNEL_NOTES = {1: "greyscale (1 channel)", 2: "greyscale + alpha (2 channels)", 4: "RGBA (4 channels)"}
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     rgb: np.ndarray  # HxWx3 uint8, RGB
     format: str  # e.g. JPEG, PNG, BMP
     source_channels: int  # channels as stored (1 grey, 3 RGB, 4 RGBA)
 
+    @property
+    def conversion_notes(self) -> list[str]:
+        """What decoding changed, as a person reads it (ingest records ``source_channels``; serving says so)."""
+        if self.source_channels in _CHANNEL_NOTES:
+            return [f"converted from {_CHANNEL_NOTES[self.source_channels]} to RGB"]
+        return []
+
+    def side_error(self) -> str | None:
+        """Why the image's size breaks `IMAGE_SIDE_RANGE`, or None."""
+        height, width = self.rgb.shape[:2]
+        low, high = IMAGE_SIDE_RANGE
+        if min(height, width) < low or max(height, width) > high:
+            return f"{width}x{height} px is outside {low}..{high} px a side"
+        return None
+
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode bytes to RGB uint8, refusing empty, non-image, truncated and oversized inputs."""
+    """Decode bytes to upright RGB uint8, refusing empty, non-image, truncated and oversized inputs.
+
+    The EXIF orientation is applied here, in the one decoder ingest, training, explanations and
+    serving share, so a phone photo rotated by its tag is the same image to all of them.
+    """
     if not data:
         raise ImageDecodeError("empty", "0-byte file")
+    image = _open(data)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_many_pixels", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
+    fmt, mode = image.format or "UNKNOWN", image.mode
+    channels = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}
+    return DecodedImage(rgb=_upright_rgb8(image), format=fmt, source_channels=channels.get(mode, len(image.getbands())))
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image with its header read, no pixel decoded yet (so a bomb is refused from its size)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            probe = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
-            width, height = probe.size
-            fmt = probe.format or "UNKNOWN"
-            mode = probe.mode
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        if isinstance(err, UnidentifiedImageError):
-            raise ImageDecodeError(
-                "not_an_image", f"not a recognised raster image ({', '.join(RASTER_FORMATS)})"
-            ) from err
+            return Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError("not_an_image", f"not a recognised raster image ({', '.join(RASTER_FORMATS)})") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError("too_many_pixels", str(err)) from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError("corrupt", f"unreadable header: {err}") from err
-    if width * height > max_pixels:
-        raise ImageDecodeError("too_many_pixels", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
+    except HOSTILE_FILE_ERRORS as err:
+        raise ImageDecodeError("decoder_error", f"header: {type(err).__name__}: {err}") from err
+
+
+def _upright_rgb8(image: Image.Image) -> np.ndarray:
+    """Decode the pixels, turn them by the EXIF orientation and convert them, all inside one guard: each
+    step parses bytes from the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            probe.load()  # PIL raises on truncated data, where OpenCV would return half-grey pixels
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+            image.load()  # PIL raises on truncated data, where OpenCV would return half-grey pixels
+            ImageOps.exif_transpose(image, in_place=True)
+            return _to_rgb8(image)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError("too_many_pixels", str(err)) from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError("truncated", f"pixel data could not be decoded: {err}") from err
-    channels = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}
-    return DecodedImage(rgb=_to_rgb8(probe), format=fmt, source_channels=channels.get(mode, len(probe.getbands())))
+    except HOSTILE_FILE_ERRORS as err:
+        raise ImageDecodeError("decoder_error", f"pixels: {type(err).__name__}: {err}") from err
 
 
 def _to_rgb8(image: Image.Image) -> np.ndarray:

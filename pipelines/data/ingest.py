@@ -1,23 +1,27 @@
-"""Ingest one source: scan its files, plan the batch of those new to it, upload, validate, publish.
+"""Ingest one source: scan its files, plan the batch of its new decisions, upload, validate, publish.
 
 The steps live in their own modules: ``scan`` (read, hash, measure), ``plan`` (batch id, dedupe, keys),
 ``validation`` (the GX suite and its reports) and ``quarantine`` (hold / list / release); this module
 wires them and moves the bytes. The batch manifest is written last: published
 (``layout.batch_manifest_key``) for an accepted batch, held (``layout.quarantined_manifest_key``) for a
-quarantined one, so a crash before it leaves only immutable objects that a rerun reuses.
+quarantined one, so a crash before it leaves only immutable objects that a rerun reuses. While a
+batch is in flight its (sha, label) pairs are kept under ``layout.inflight_batch_key`` so a concurrent
+ingest of another source sees its labels (``plan.accepted_elsewhere``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipelines.core.errors import LeukopsError
+from pipelines.data.decisions import source_history
 from pipelines.data.imagefacts import DEFAULT_MAX_PIXELS
 from pipelines.data.manifests import all_manifests, manifest_frame, publish_manifest
 from pipelines.data.plan import BatchPlan, file_record, place, plan_batch
-from pipelines.data.quarantine import hold_batch
+from pipelines.data.quarantine import hold_batch, verdict_manifest_key
 from pipelines.data.scan import DEFAULT_KEEP_BYTES, HashedFile, read_error, scan_files, scan_threads
 from pipelines.data.sources import Source, list_files, reader_for
 from pipelines.data.validation import Suite, Validation, load_suite, validate_and_report
@@ -67,8 +71,11 @@ def ingest_source(
     workers: int = 8,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_bytes: int = DEFAULT_KEEP_BYTES,
+    record_verdict: Callable[[IngestReport], None] | None = None,
 ) -> IngestReport:
     """Ingest the files of ``source`` new to it; ``run_date`` (YYYY-MM-DD) names the report folder.
+    ``record_verdict`` gets the final report just before its manifest is published: a retry that fails
+    after the publish still finds the verdict (the Airflow task alerts on it again).
 
     Files are read once when they fit in ``keep_bytes``; their uploads then run while GX validates
     the manifest (which does not depend on them), and the manifest is published only after both.
@@ -80,7 +87,8 @@ def ingest_source(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         known_rows = pool.submit(all_manifests, store, source.name)
         entries = list_files(source, reader)
-        known = set(known_rows.result()["sha256"].dropna())
+        history = source_history(known_rows.result())
+        known = history.examined()
         with (
             tqdm(total=len(entries), desc=f"scan {source.name}", unit="img", disable=not progress) as bar,
             ThreadPoolExecutor(max_workers=scan_threads(source, workers)) as scan_pool,
@@ -88,8 +96,8 @@ def ingest_source(
             scanned = scan_files(
                 reader, entries, scan_pool, known, keep_bytes=keep_bytes, max_pixels=max_pixels, progress=bar.update
             )
-        already = sum(1 for h in scanned if h.sha256 in known)
-        plan = plan_batch(store, source, suite.version, scanned, known, pool)
+        plan = plan_batch(store, source, suite.version, scanned, history, pool)
+        already = len(scanned) - (len(plan.files) if plan else 0)
         if plan is None:
             return IngestReport(
                 source.name,
@@ -98,6 +106,8 @@ def ingest_source(
                 files_seen=len(entries),
                 already_ingested=already,
             )
+        inflight = layout.inflight_batch_key(source.name, plan.batch_id)
+        store.put_json(inflight, _intent(plan))
         rereads = any(h.sha256 is not None and h.data is None for h in plan.files)
         run = pool.map if rereads else map  # kept bytes need no I/O here: only re-reads are worth threads
         outcomes = list(run(lambda item: _process(plan, reader, store, *item), enumerate(plan.files)))
@@ -110,8 +120,18 @@ def ingest_source(
         )
     report = _report(source, plan.batch_id, validation, records, len(entries), already)
     report.data_docs, report.validation = docs, result_uri
+    report.manifest = store.uri(verdict_manifest_key(report.to_dict()))
+    if record_verdict is not None:
+        record_verdict(report)
     report.manifest = _publish(store, source, plan.batch_id, validation, run_date)
+    store.delete(inflight)
     return report
+
+
+def _intent(plan: BatchPlan) -> dict[str, Any]:
+    """What a concurrent ingest of another source needs of this batch: each sha's (first) label."""
+    labels = {sha: files[0][0] for sha, files in plan.labels.items()}
+    return {"source": plan.source.name, "batch_id": plan.batch_id, "labels": labels}
 
 
 def _process(
@@ -123,7 +143,8 @@ def _process(
     record = file_record(plan, row, hashed)
     if hashed.sha256 is None:
         return record, None
-    placed, upload = place(plan, row, {**record, **hashed.examined}, hashed.sha256)
+    examined = hashed.examined or plan.history.newest[hashed.sha256]["examined"]  # known bytes: facts kept
+    placed, upload = place(plan, row, {**record, **examined}, hashed.sha256)
     if not upload:
         return placed, None
     key, path = placed["key"], hashed.entry.path

@@ -38,10 +38,13 @@ TEXT_COLUMNS = (
     "label_conflict",
     "cross_source",
     "label_map_version",
+    "relabel_of",  # the batch whose decision on this sha the row replaces (pipelines.data.decisions)
+    "previous_label",  # that decision's label(s)
 )
 MANIFEST_COLUMNS = (
     "row",
     *TEXT_COLUMNS,
+    "revision",  # 1 for a sha's first decision in its source, +1 for each relabel
     "size_bytes",
     *FACT_COLUMNS,
     "suite_version",
@@ -61,7 +64,7 @@ def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             frame[column] = None
     for column in TEXT_COLUMNS:
         frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
-    for column in ("size_bytes", *FACT_COLUMNS):
+    for column in ("revision", "size_bytes", *FACT_COLUMNS):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     return frame[list(MANIFEST_COLUMNS)].sort_values("row").reset_index(drop=True)
 
@@ -82,10 +85,13 @@ def held_manifest_keys(store: ObjectStore, source: str | None = None) -> list[st
 
 
 def read_manifests(store: ObjectStore, keys: list[str]) -> pd.DataFrame:
+    """The rows of these manifests; columns added since an older manifest was written are None there."""
     import pandas as pd
 
     frames = [store.get_parquet(k) for k in keys]
-    return pd.concat(frames, ignore_index=True) if frames else manifest_frame([])
+    frame = pd.concat(frames, ignore_index=True) if frames else manifest_frame([])
+    missing = {c: None for c in MANIFEST_COLUMNS if c not in frame}
+    return frame.assign(**missing) if missing else frame
 
 
 def all_manifests(store: ObjectStore, source: str | None = None) -> pd.DataFrame:
@@ -93,9 +99,21 @@ def all_manifests(store: ObjectStore, source: str | None = None) -> pd.DataFrame
     return read_manifests(store, published_manifest_keys(store, source) + held_manifest_keys(store, source))
 
 
+def published_rows(store: ObjectStore) -> pd.DataFrame:
+    """Every row of every published (accepted or released) batch."""
+    return read_manifests(store, published_manifest_keys(store))
+
+
+def held_rows(store: ObjectStore) -> pd.DataFrame:
+    """Every row of every held (quarantined, released or not) batch."""
+    return read_manifests(store, held_manifest_keys(store))
+
+
 def accepted_rows(store: ObjectStore, source_name: str) -> pd.DataFrame:
-    """Accepted rows of every published (accepted or released) batch of a source."""
-    frame = read_manifests(store, published_manifest_keys(store, source_name))
+    """Accepted rows of a source's published (accepted or released) batches, newest decision per sha."""
+    from pipelines.data.decisions import newest_decisions
+
+    frame = newest_decisions(read_manifests(store, published_manifest_keys(store, source_name)))
     return frame[frame["status"] == "accepted"].reset_index(drop=True)
 
 

@@ -39,6 +39,23 @@ def hold_batch(store: ObjectStore, source: Source, batch_id: str, validation: Va
     return store.put_parquet(layout.quarantined_manifest_key(source.name, batch_id), validation.frame)
 
 
+def verdict_manifest_key(report: dict[str, Any]) -> str | None:
+    """The manifest an ingest verdict (``IngestReport.to_dict()``) publishes: held when quarantined,
+    published when accepted; None when there was nothing new."""
+    if report["status"] == "quarantined":
+        return layout.quarantined_manifest_key(report["source"], report["batch_id"])
+    if report["status"] == "accepted":
+        return layout.batch_manifest_key(report["source"], report["batch_id"])
+    return None
+
+
+def verdict_landed(store: ObjectStore, report: dict[str, Any]) -> bool:
+    """Is a stored verdict's batch published (or held)? A verdict is recorded before its manifest, so a
+    retry that finds one without its manifest ingests again (the same batch) instead of trusting it."""
+    key = verdict_manifest_key(report)
+    return key is None or store.exists(key)
+
+
 def quarantined_batches(store: ObjectStore) -> list[dict[str, Any]]:
     """Every batch ever quarantined, with its reasons and whether (and why) it was released."""
     return [_held_batch(store, key) for key in held_manifest_keys(store)]

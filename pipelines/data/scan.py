@@ -72,6 +72,8 @@ def _scan_one(
     """Never raises for a bad file: an unreadable one is returned with its ``read_error``."""
     if entry.path_error:
         return HashedFile(entry, None)
+    if entry.not_read:
+        return HashedFile(entry, None, entry.not_read)
     try:
         data = reader.read(entry.path)
     except (OSError, LeukopsError) as err:

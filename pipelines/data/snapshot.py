@@ -1,9 +1,11 @@
 """Dataset snapshots per task, with a stable 80/10/10 split kept in a ledger (``pipelines.data.ledger``).
 
-A snapshot is the accepted rows of published batches from ``train``-role sources feeding the task,
-one row per sha256 (an image brought by two sources counts once), minus every sha ever seen in a
-``holdout`` source. Its version is a hash of the sorted (sha, label, split) triples, so the same data
-gives the same version.
+A snapshot is the newest decision per image (``decisions``: a relabel replaces what it relabels) of
+published batches from ``train``-role sources feeding the task, accepted, one row per sha256 (an image
+brought by two sources counts once), minus images with an unresolved label conflict (``conflicts``),
+every sha ever seen in a ``holdout`` source and the near-duplicates (pHash within the ledger's
+``NEAR_DUPLICATE_BITS``) of those. Its version is a hash of the sorted (sha, label, split) triples, so
+the same data gives the same version; ``batch_id`` and ``resolution`` say where each label came from.
 
 Each image gets the group its source's grouping gives it (``pipelines.data.groups``: patient, source
 or a pattern over the file path); a group never straddles splits. The ledger keeps an image's split
@@ -24,14 +26,15 @@ from pipelines.core.taxonomy import get_task
 from pipelines.data.groups import GroupSpec
 from pipelines.data.imagefacts import FACT_COLUMNS
 from pipelines.data.ledger import (
+    NEAR_DUPLICATE_BITS,
     SPLIT_SHARES,
     SPLITS,
     active_rows,
     adopt_groupings,
     assign_splits,
     current_version,
-    empty_ledger,
     near_duplicates_across_splits,
+    phash_ints,
     regrouped_sources,
     upgraded,
     version_changes,
@@ -39,6 +42,7 @@ from pipelines.data.ledger import (
 from pipelines.data.ledger import (
     hash_split as hash_split,  # re-exported: benchmarks/train.py imports it from here
 )
+from pipelines.data.ledger_store import LedgerHead, commit_ledger, publish_pointer, read_ledger, with_ledger
 from pipelines.io import layout
 
 if TYPE_CHECKING:
@@ -51,7 +55,10 @@ if TYPE_CHECKING:
 SHARE_TOLERANCE = 0.05
 MIN_CLASS_FOR_SHARES = 40  # below this a class's split shares are too noisy to check
 IMBALANCE_RATIO = 3.0
-SNAPSHOT_COLUMNS = ("sha256", "key", "label", "split", "source", "phash", "patient_id", "group", *FACT_COLUMNS)
+SNAPSHOT_COLUMNS = (
+    *("sha256", "key", "label", "split", "source", "phash", "patient_id", "group", *FACT_COLUMNS),
+    *("batch_id", "resolution"),  # the batch whose decision gave the label; a conflict resolution's id
+)
 
 
 class SnapshotError(LeukopsError):
@@ -72,6 +79,8 @@ class SnapshotResult:
     shares: dict[str, dict[str, float]]  # class → split → share
     warnings: list[str] = field(default_factory=list)
     excluded_holdout: int = 0
+    excluded_holdout_near_duplicates: int = 0  # re-encoded copies of holdout images (pHash within the threshold)
+    labels: dict[str, Any] = field(default_factory=dict)  # conflicts.label_audit(): relabels, held, resolved
     new_in_ledger: int = 0  # rows this snapshot adds to the ledger (a new version: all of its rows)
     ledger_changed: bool = False  # rows added, or groupings recorded on older rows: the ledger is rewritten
     groups: dict[str, Any] = field(default_factory=dict)  # group_summary()
@@ -89,6 +98,23 @@ def training_candidates(rows: pd.DataFrame, classes: tuple[str, ...], holdout_sh
     rows = rows.drop_duplicates("sha256", keep="first")
     in_holdout = rows["sha256"].isin(holdout_shas)
     return rows[~in_holdout].reset_index(drop=True), int(in_holdout.sum())
+
+
+def near_holdout(rows: pd.DataFrame, holdout_phashes: list[str], max_bits: int = NEAR_DUPLICATE_BITS):
+    """Per row: is its pHash within ``max_bits`` of a holdout image's (a re-encoded copy of it)?"""
+    import numpy as np
+
+    near = np.zeros(len(rows), dtype=bool)
+    pool = phash_ints([h for h in holdout_phashes if isinstance(h, str) and h])
+    if pool.size == 0 or rows.empty:
+        return near
+    valid = rows["phash"].map(lambda h: isinstance(h, str) and bool(h)).to_numpy(bool)
+    hashes = phash_ints(rows["phash"])
+    for start in range(0, hashes.size, 256):
+        chunk = hashes[start : start + 256]
+        distances = np.bitwise_count(np.bitwise_xor(chunk[:, None], pool[None, :]))
+        near[start : start + chunk.size] = (distances <= max_bits).any(axis=1)
+    return near & valid
 
 
 def split_counts(frame: pd.DataFrame, classes: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -212,12 +238,20 @@ def build_snapshot(
     holdout_shas: set[str],
     ledger: pd.DataFrame,
     groupings: dict[str, GroupSpec],
+    *,
+    holdout_phashes: list[str] = (),
+    labels: dict[str, Any] | None = None,
 ) -> SnapshotResult:
-    """The pure snapshot: candidates → groups → splits (ledger version) → counts, shares, warnings, version."""
+    """The pure snapshot: candidates → groups → splits (ledger version) → counts, shares, warnings, version.
+
+    ``rows``: the label decisions to use (``conflicts.label_decisions``); ``labels``: their audit."""
     import pandas as pd
 
     classes = get_task(task).classes
+    rows = rows.assign(**{c: None for c in ("batch_id", "resolution") if c not in rows})
     candidates, excluded = training_candidates(rows, classes, holdout_shas)
+    near = near_holdout(candidates, list(holdout_phashes))
+    candidates = candidates[~near].reset_index(drop=True)
     if candidates.empty:
         raise SnapshotError(f"no accepted images of train-role sources feed task {task!r}; ingest a source first")
     candidates = with_groups(candidates, groupings)
@@ -232,12 +266,24 @@ def build_snapshot(
         warnings.append(
             f"{excluded} image(s) of training sources were also seen in a holdout source and are excluded from training"
         )
+    if near.any():
+        warnings.append(
+            f"{int(near.sum())} image(s) of training sources are near-duplicates of holdout images (pHash within "
+            f"{NEAR_DUPLICATE_BITS} bits) and are excluded from training"
+        )
+    if labels and labels.get("conflicts_held"):
+        warnings.append(
+            f"{labels['conflicts_held']} image(s) with an unresolved label conflict are held out "
+            "(`leukops conflict list`)"
+        )
     return SnapshotResult(
         Snapshot(dataset_version(frame), frame, counts),
         whole,
         class_shares(counts, classes),
         warnings,
         excluded,
+        excluded_holdout_near_duplicates=int(near.sum()),
+        labels=labels or {},
         new_in_ledger=len(whole) - len(upgraded(ledger)),
         ledger_changed=not whole.reset_index(drop=True).equals(upgraded(ledger).reset_index(drop=True)),
         groups=groups,
@@ -250,32 +296,52 @@ def build_snapshot(
 
 
 def load_ledger(store: ObjectStore, task: str) -> pd.DataFrame:
-    key = layout.ledger_key(task)
-    return store.get_parquet(key) if store.exists(key) else empty_ledger()
+    return read_ledger(store, task).frame
+
+
+def holdout_rows(manifests: pd.DataFrame, holdout_sources: set[str]) -> pd.DataFrame:
+    """Every row (any status, quarantined too) of a holdout source."""
+    return manifests[(manifests["role"] == "holdout") | manifests["source"].isin(holdout_sources)]
 
 
 def holdout_shas(manifests: pd.DataFrame, holdout_sources: set[str]) -> set[str]:
     """Every sha ever seen (any status, quarantined too) in a holdout source."""
-    seen = manifests[(manifests["role"] == "holdout") | manifests["source"].isin(holdout_sources)]
-    return set(seen["sha256"].dropna())
+    return set(holdout_rows(manifests, holdout_sources)["sha256"].dropna())
 
 
 def take_snapshot(store: ObjectStore, settings: Settings, task: str) -> SnapshotResult:
-    """Build, store and publish the task's snapshot (dataset parquet, summary, ledger, then ``latest``)."""
+    """Build, store and publish the task's snapshot (ledger, dataset parquet, summary, then ``latest``);
+    redone from a fresh read when a concurrent snapshot commits the ledger first (``ledger_store``)."""
+    return with_ledger(store, task, lambda head: _take_snapshot(store, settings, task, head))
+
+
+def _take_snapshot(store: ObjectStore, settings: Settings, task: str, head: LedgerHead) -> SnapshotResult:
     import pandas as pd
 
-    from pipelines.data.manifests import accepted_rows, all_manifests
+    from pipelines.data.conflicts import conflict_status, label_decisions, load_resolutions
+    from pipelines.data.decisions import newest_decisions
+    from pipelines.data.manifests import held_rows, published_rows
     from pipelines.data.sources import list_sources
 
     get_task(task)
     sources: list[Source] = list_sources(settings)
-    feeding = [s for s in sources if s.role == "train" and task in s.tasks]
-    frames = [accepted_rows(store, s.name) for s in feeding]
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "sha256", "source"])
-    holdout = holdout_shas(all_manifests(store), {s.name for s in sources if s.role == "holdout"})
-    result = build_snapshot(task, rows, holdout, load_ledger(store, task), {s.name: s.grouping for s in sources})
+    feeding = [s.name for s in sources if s.role == "train" and task in s.tasks]
+    published = published_rows(store)
+    every = pd.concat([published, held_rows(store)], ignore_index=True)
+    decided = newest_decisions(published[published["source"].isin(feeding)])
+    rows, labels = label_decisions(decided, conflict_status(every, load_resolutions(store)))
+    holdout = holdout_rows(every, {s.name for s in sources if s.role == "holdout"})
+    result = build_snapshot(
+        task,
+        rows,
+        set(holdout["sha256"].dropna()),
+        head.frame,
+        {s.name: s.grouping for s in sources},
+        holdout_phashes=list(holdout["phash"]),
+        labels=labels,
+    )
     result = replace(result, champion_reevaluation_required=_new_ledger_version(store, task, result))
-    _store(store, task, result, [s.name for s in feeding])
+    _store(store, task, result, feeding, head)
     return result
 
 
@@ -290,17 +356,17 @@ def _new_ledger_version(store: ObjectStore, task: str, result: SnapshotResult) -
     return store.get_json(pointer_key).get("ledger_version", 1) != result.ledger_version
 
 
-def _store(store: ObjectStore, task: str, result: SnapshotResult, sources: list[str]) -> None:
+def _store(store: ObjectStore, task: str, result: SnapshotResult, sources: list[str], head: LedgerHead) -> None:
+    if result.ledger_changed:  # first: a lost race must not leave a dataset built on a stale ledger
+        head = commit_ledger(store, task, head, result.ledger)
     version = result.snapshot.version
     dataset_key = layout.dataset_key(task, version)
     if not store.exists(dataset_key):
         store.put_parquet(dataset_key, result.snapshot.frame)
     summary = snapshot_summary(task, result) | {"sources": sources, "uri": store.uri(dataset_key)}
     store.put_json(layout.dataset_summary_key(task, version), summary)
-    if result.ledger_changed:
-        store.put_parquet(layout.ledger_key(task), result.ledger)
     pointer = {"version": version, "uri": store.uri(dataset_key), "ledger_version": result.ledger_version}
-    store.put_json(layout.latest_dataset_pointer_key(task), pointer)
+    publish_pointer(store, task, pointer | {"ledger_generation": head.generation})
 
 
 def snapshot_summary(task: str, result: SnapshotResult) -> dict[str, Any]:
@@ -311,6 +377,8 @@ def snapshot_summary(task: str, result: SnapshotResult) -> dict[str, Any]:
         "shares": result.shares,
         "warnings": result.warnings,
         "excluded_holdout": result.excluded_holdout,
+        "excluded_holdout_near_duplicates": result.excluded_holdout_near_duplicates,
+        "labels": result.labels,
         "images": len(result.snapshot.frame),
         "new_in_ledger": result.new_in_ledger,
         **result.groups,

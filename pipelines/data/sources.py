@@ -2,11 +2,14 @@
 
 A source is a local folder or an S3 "landing zone" prefix, in one of two layouts:
 
-* ``folders``: one sub-folder per label; files at the top level (and hidden files) are ignored.
+* ``folders``: one sub-folder per label; files at the top level and hidden files are not read.
 * ``csv``: a manifest file (``path,label[,patient_id]``) whose paths are relative to the location.
 
-Readers never open a file outside the source's location: a manifest path such as ``../x.jpg`` (or a
-symlink leading out of the folder) is listed with a ``path_error`` so ingest can reject it by name.
+Every file a source holds becomes one entry, so a batch counts what it did not take. Readers never
+open a file outside the source's location: a manifest path such as ``../x.jpg`` (or a symlink leading
+out of the folder) is listed with a ``path_error``; a file the listing already refuses (hidden,
+top-level, a name that is not UTF-8, a folder that cannot be listed) with ``not_read``. A local read
+opens only regular files no larger than ``max_file_bytes``, both checked by ``stat`` before opening.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +42,15 @@ Role = Literal["train", "holdout"]
 LAYOUTS = ("folders", "csv")
 ROLES = ("train", "holdout")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024  # no smear image is near it; a larger file is read nowhere
+NOT_UTF8 = "file name is not valid UTF-8 (shown escaped)"
+FILE_KINDS = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFDIR: "folder",
+}
 
 
 class SourceError(LeukopsError):
@@ -93,6 +106,11 @@ class SourceFile:
     source_label: str
     patient_id: str | None = None
     path_error: str | None = None  # set when the file must not be read (e.g. path traversal)
+    not_read: str | None = None  # why the listing already refuses it (hidden, top-level, name not UTF-8)
+
+    @property
+    def readable(self) -> bool:
+        return self.path_error is None and self.not_read is None
 
 
 def validate_source(source: Source, where: str) -> Source:
@@ -191,15 +209,44 @@ def save_source(source: Source, settings: Settings, *, replace: bool = False) ->
 # -- layouts: pure functions from a listing / a manifest text to SourceFile entries ----------------
 
 
+def escaped(text: str) -> str | None:
+    """A name the file system gave as undecodable bytes (surrogate escapes), with those bytes shown as
+    ``\\xff``; None when it is valid UTF-8. Manifests (parquet) can only store the escaped form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return None
+
+
+def folder_entry(rel: str) -> SourceFile:
+    """The entry of one listed path: ``<label>/<...>/<file>``, a hidden file or folder (a folder is
+    listed with a trailing ``/``), a top-level file, or a name that is not UTF-8."""
+    parts = rel.rstrip("/").split("/")
+    label = parts[0] if len(parts) > 1 else ""
+    if escaped(rel) is not None:
+        return SourceFile(escaped(rel.rstrip("/")), escaped(label) or label, not_read=NOT_UTF8)
+    hidden = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+    if hidden is not None:
+        is_folder = hidden < len(parts) - 1 or rel.endswith("/")
+        what = (
+            "hidden folder (name starts with '.'): not entered"
+            if is_folder
+            else "hidden file (name starts with '.'): not read"
+        )
+        return SourceFile("/".join(parts[: hidden + 1]), label, not_read=what)
+    if len(parts) < 2:
+        return SourceFile(rel, "", not_read="top-level file: the folders layout reads <label>/<file> only")
+    return SourceFile(path=rel, source_label=label)
+
+
 def folder_entries(relative_paths: Iterable[str]) -> list[SourceFile]:
-    """``<label>/<...>/<file>`` → one entry per file; top-level and hidden files are ignored."""
-    entries = []
+    """One entry per listed file; the files of a hidden folder (an S3 prefix lists them all) share one."""
+    entries: dict[str, SourceFile] = {}
     for rel in sorted(relative_paths):
-        parts = rel.split("/")
-        if len(parts) < 2 or any(p.startswith(".") for p in parts):
-            continue
-        entries.append(SourceFile(path=rel, source_label=parts[0]))
-    return entries
+        entry = folder_entry(rel)
+        entries.setdefault(entry.path, entry)
+    return list(entries.values())
 
 
 def safe_relative(path: str) -> str | None:
@@ -221,42 +268,70 @@ def csv_entries(text: str, where: str) -> list[SourceFile]:
     entries = []
     for row in reader:
         raw_path = (row.get("path") or "").strip()
+        label, patient = (row.get("label") or "").strip(), (row.get("patient_id") or "").strip() or None
+        if "\0" in raw_path:  # no file system accepts it (os.stat raises): shown escaped, never looked up
+            shown = raw_path.replace("\0", "\\x00")
+            entries.append(SourceFile(shown, label, patient, not_read="path contains a NUL byte (shown escaped)"))
+            continue
         safe = safe_relative(raw_path)
         entries.append(
             SourceFile(
                 path=safe or raw_path,
-                source_label=(row.get("label") or "").strip(),
-                patient_id=(row.get("patient_id") or "").strip() or None,
+                source_label=label,
+                patient_id=patient,
                 path_error=None if safe else f"path {raw_path!r} is absolute or leaves the source folder",
             )
         )
     return entries
 
 
+def decoded_text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{where} is not valid UTF-8 (byte {err.start}): save the manifest as UTF-8") from None
+
+
 # -- readers: the only code that touches a source's files ------------------------------------------
 
 
 class LocalReader:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.root = root.resolve()
+        self.max_file_bytes = max_file_bytes
         if not self.root.is_dir():
             raise SourceError(f"source folder {root} does not exist or is not a folder")
 
-    def listing(self) -> list[str]:
-        """Files and symlinks under the root; like ``rglob``, symlinked folders are listed, not entered."""
-        found = []
-        for folder, dirs, files in os.walk(self.root):
+    def listing(self) -> tuple[list[str], dict[str, str]]:
+        """(files and symlinks under the root, folder → why it could not be listed). Like ``rglob``,
+        symlinked folders are listed, not entered; hidden folders are listed with a trailing ``/``, not
+        entered (a ``.git`` is one row, not thousands)."""
+        found: list[str] = []
+        unlisted: dict[str, str] = {}
+
+        def failed(err: OSError) -> None:
+            rel = os.path.relpath(err.filename, self.root).replace(os.sep, "/")
+            if rel == ".":
+                raise SourceError(f"source folder {self.root} cannot be listed: {err}") from err
+            unlisted[rel] = f"folder could not be listed: {err}"
+
+        for folder, dirs, files in os.walk(self.root, onerror=failed):
             rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
             prefix = "" if rel == "." else f"{rel}/"
             found += [prefix + name for name in files]
-            found += [prefix + name for name in dirs if os.path.islink(os.path.join(folder, name))]
-        return found
+            for name in dirs:
+                if os.path.islink(os.path.join(folder, name)):
+                    found.append(prefix + name)
+                elif name.startswith("."):
+                    found.append(f"{prefix}{name}/")
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+        return found, unlisted
 
     def read_text(self, rel: str) -> str:
         path = self.root / rel
         if not path.is_file():
             raise SourceError(f"{path} does not exist")
-        return path.read_text(encoding="utf-8-sig")
+        return decoded_text(path.read_bytes(), str(path))
 
     def escapes(self, rel: str) -> bool:
         """True when the path (after following symlinks) lies outside the source folder."""
@@ -264,25 +339,50 @@ class LocalReader:
         return not (real == str(self.root) or real.startswith(str(self.root) + os.sep))
 
     def read(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+        """The file's bytes. Refused (SourceError) from its ``stat``, before it is opened, when it is not a
+        regular file (a FIFO or device would block or have side effects) or is larger than max_file_bytes."""
+        path = os.path.join(self.root, rel)
+        info = os.stat(path)  # follows a symlink (list_files refused those leading out); opens nothing
+        refuse_special(info)
+        if info.st_size > self.max_file_bytes:
+            raise SourceError(f"larger than max_file_bytes ({info.st_size} bytes > {self.max_file_bytes})")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO swapped in since cannot block
+        with os.fdopen(fd, "rb") as file:
+            refuse_special(os.fstat(fd))
+            data = file.read(info.st_size + 1)  # bounded by the checked size; one byte more shows growth
+        if len(data) > info.st_size:
+            raise SourceError(f"changed while it was being read (grew past its {info.st_size} bytes)")
+        return data
+
+
+def refuse_special(info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "special file")
+        raise SourceError(f"not a regular file ({kind}): special files are never opened")
 
 
 class S3Reader:
-    def __init__(self, store: ObjectStore, prefix: str) -> None:
+    def __init__(self, store: ObjectStore, prefix: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.store = store
         self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        self.max_file_bytes = max_file_bytes
 
-    def listing(self) -> list[str]:
-        return [k[len(self.prefix) :] for k in self.store.iter_keys(self.prefix) if not k.endswith("/")]
+    def listing(self) -> tuple[list[str], dict[str, str]]:
+        keys = [k[len(self.prefix) :] for k in self.store.iter_keys(self.prefix) if not k.endswith("/")]
+        return keys, {}
 
     def read_text(self, rel: str) -> str:
-        return self.store.get_bytes(self.prefix + rel).decode("utf-8-sig")
+        return decoded_text(self.store.get_bytes(self.prefix + rel), self.prefix + rel)
 
     def escapes(self, rel: str) -> bool:
         return False  # keys are plain names; traversal is caught by safe_relative
 
     def read(self, rel: str) -> bytes:
-        return self.store.get_bytes(self.prefix + rel)
+        """The object's bytes, refused above max_file_bytes (checked once read: the store lists no sizes)."""
+        data = self.store.get_bytes(self.prefix + rel)
+        if len(data) > self.max_file_bytes:
+            raise SourceError(f"larger than max_file_bytes ({len(data)} bytes > {self.max_file_bytes})")
+        return data
 
 
 def reader_for(source: Source, settings: Settings) -> LocalReader | S3Reader:
@@ -290,18 +390,24 @@ def reader_for(source: Source, settings: Settings) -> LocalReader | S3Reader:
         from pipelines.io.storage import ObjectStore
 
         bucket, _, prefix = source.location[len("s3://") :].partition("/")
-        return S3Reader(ObjectStore.from_settings(settings, bucket=bucket), prefix)
-    return LocalReader(Path(source.location))
+        return S3Reader(ObjectStore.from_settings(settings, bucket=bucket), prefix, settings.max_file_bytes)
+    return LocalReader(Path(source.location), settings.max_file_bytes)
 
 
 def list_files(source: Source, reader: LocalReader | S3Reader) -> list[SourceFile]:
     if source.layout == "csv":
         entries = csv_entries(reader.read_text(source.csv), f"{source.location}/{source.csv}")
     else:
-        entries = folder_entries(reader.listing())
+        paths, unlisted = reader.listing()
+        entries = folder_entries(paths) + [unlisted_entry(folder, why) for folder, why in unlisted.items()]
     return [
         SourceFile(e.path, e.source_label, e.patient_id, "symlink leads outside the source folder")
-        if e.path_error is None and reader.escapes(e.path)
+        if e.readable and reader.escapes(e.path)
         else e
         for e in entries
     ]
+
+
+def unlisted_entry(folder: str, why: str) -> SourceFile:
+    shown = escaped(folder) or folder
+    return SourceFile(shown, shown.split("/")[0], not_read=why)

@@ -25,9 +25,12 @@ from pipelines.devstack import airflow_rest
 from pipelines.devstack.postgres import Postgres
 from pipelines.devstack.processes import executable, port_of, venv_bin_dir
 from pipelines.devstack.redis_server import RedisServer
+from pipelines.io.storage import role_key_settings
 
-S3_CONN_ID = "leukops_s3"
+S3_CONN_ID = "leukops_s3"  # + "_<role>": one connection per S3 identity (orchestration.airflow_tasks)
+S3_TASK_ROLES = ("ingest", "training", "drift")  # the S3 identities DAG tasks sign as
 MLFLOW_CONN_ID = "leukops_mlflow"
+MLFLOW_TASK_ROLES = ("training", "drift", "promotion")  # the MLflow users DAG tasks log in as (one conn each)
 GPU_POOL = "gpu"
 RUN_TIMEOUT_S = 1800
 QUERY_TIMEOUT_S = 300
@@ -117,17 +120,31 @@ def metadata_env(settings: Settings) -> dict[str, str]:
 
 
 def connection_env(settings: Settings) -> dict[str, str]:
-    """AIRFLOW_CONN_* for the S3 store and the MLflow server, from the settings (JSON connection form)."""
-    s3 = {
-        "conn_type": "aws",
-        "login": settings.secret("s3_access_key"),
-        "password": settings.secret("s3_secret_key"),
-        "extra": {"endpoint_url": settings.s3_endpoint, "region_name": settings.s3_region},
+    """AIRFLOW_CONN_* for the S3 store (one least-privilege identity per task role; no admin pair) and the
+    MLflow server, from the settings (JSON connection form)."""
+    s3_extra = {"endpoint_url": settings.s3_endpoint, "region_name": settings.s3_region}
+    s3_roles = {
+        f"AIRFLOW_CONN_{S3_CONN_ID.upper()}_{role.upper()}": json.dumps(
+            {
+                "conn_type": "aws",
+                "login": settings.secret(role_key_settings(role)[0]),
+                "password": settings.secret(role_key_settings(role)[1]),
+                "extra": s3_extra,
+            }
+        )
+        for role in S3_TASK_ROLES
     }
     mlflow = {"conn_type": "http", "host": settings.mlflow_tracking_uri}
+    mlflow_users = {
+        f"AIRFLOW_CONN_{MLFLOW_CONN_ID.upper()}_{role.upper()}": json.dumps(
+            mlflow | {"login": role, "password": settings.secret(f"mlflow_users.{role}")}
+        )
+        for role in MLFLOW_TASK_ROLES
+    }
     return {
-        f"AIRFLOW_CONN_{S3_CONN_ID.upper()}": json.dumps(s3),
+        **s3_roles,
         f"AIRFLOW_CONN_{MLFLOW_CONN_ID.upper()}": json.dumps(mlflow),
+        **mlflow_users,
     }
 
 

@@ -85,11 +85,7 @@ class AirflowServices:
     def init(self, dags_dir: Path) -> None:
         """compose's init step, run here: migrate, `gpu` pool, connections, parse + unpause the DAGs."""
         settings = self.settings
-        env = airflow_env(settings, dags_dir) | {
-            "LEUKOPS_S3_ACCESS_KEY": settings.secret("s3_access_key"),
-            "LEUKOPS_S3_SECRET_KEY": settings.secret("s3_secret_key"),
-            "LEUKOPS_GPU_POOL_SLOTS": str(settings.retrain.gpu_pool_slots),
-        }
+        env = airflow_env(settings, dags_dir) | {"LEUKOPS_GPU_POOL_SLOTS": str(settings.retrain.gpu_pool_slots)}
         log = self.processes.logfile("airflow-init")
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pipelines.core.errors import LeukopsError
-from pipelines.core.settings import Settings
+from pipelines.core.settings import DEV_SECRETS, Settings
 
 DAGS = ("leukops_ingest", "leukops_nightly_retrain", "leukops_drift")
 DAG_TIMEOUT_S = {"leukops_ingest": 600, "leukops_nightly_retrain": 1800, "leukops_drift": 900}
@@ -261,10 +261,17 @@ def run_demo(
         demo.runs[dag_id] = run_dag(demo, client, dag_id, confs[dag_id])
         if demo.runs[dag_id]["state"] != "success":
             break  # the next DAG would run on what this one did not produce
+    summary = run_summary(settings, client, task, demo.runs)
+    summary["wall_s"] = round(time.monotonic() - demo.started, 1)
+    return summary
+
+
+def run_summary(settings: Settings, client: Any, task: str, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the runs produced (their XComs), the champion, and every link with the HTTP status it answers."""
     summary = {
         "task": task,
-        "dag_runs": demo.runs,
-        **_returns(client, demo.runs),
+        "dag_runs": runs,
+        **_returns(client, runs),
         "champion": _champion(settings, task),
         "mlflow_ui": settings.mlflow_tracking_uri,
         "airflow_ui": settings.airflow_url,
@@ -272,7 +279,6 @@ def run_demo(
     summary["links"] = {
         label: {"url": url, "status": link_status(url)} for label, url in summary_links(settings, summary).items()
     }
-    summary["wall_s"] = round(time.monotonic() - demo.started, 1)
     return summary
 
 
@@ -342,7 +348,8 @@ def render_summary(summary: dict[str, Any]) -> str:
         "",
         f"Airflow UI: {summary['airflow_ui']} (user admin; dev-profile password `admin`, else "
         "LEUKOPS_AIRFLOW_ADMIN_PASSWORD)",
-        f"MLflow UI: {summary['mlflow_ui']}",
+        f"MLflow UI: {summary['mlflow_ui']} (basic auth: user admin, dev-profile password "
+        f"`{DEV_SECRETS['mlflow_users.admin']}`, else LEUKOPS_MLFLOW_USERS__ADMIN; QA reads as user qa)",
         "The stack stays up; stop it with `leukops stack down`.",
     ]
     return "\n".join(lines)

@@ -1,12 +1,17 @@
 """The MLflow tracking server of the embedded stack: backend store in the stack's PostgreSQL (database
-``mlflow``, as in compose), artifacts proxied into S3.
+``mlflow``, as in compose), artifacts proxied into S3, MLflow's basic-auth app in front.
 
 The store persists across down/up with the Postgres cluster. The server alone holds the S3 keys:
-clients upload and download artifacts through it (proxied artifact access).
+clients upload and download artifacts through it (proxied artifact access). Every request but
+``/health`` needs a user (``pipelines.io.mlflow_access``): the auth DB is a sqlite file in the stack dir,
+named by the INI at ``MLFLOW_AUTH_CONFIG_PATH``; the first start creates the admin with the configured
+password, and every start then provisions the role users (``ready``).
 """
 
 from __future__ import annotations
 
+import configparser
+import io
 import os
 import urllib.request
 from pathlib import Path
@@ -15,9 +20,26 @@ from typing import Any
 from pipelines.core.settings import Settings
 from pipelines.devstack.postgres import Postgres
 from pipelines.devstack.processes import executable, port_of
+from pipelines.io.mlflow_access import DEFAULT_PERMISSION, provision
 
 READY_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 3
+AUTH_APP = "basic-auth"
+AUTH_FUNCTION = "mlflow.server.auth:authenticate_request_basic_auth"
+
+
+def auth_config(database_uri: str, admin_user: str) -> str:
+    """The basic-auth app's INI (no secret in it: the admin password travels in MLFLOW_AUTH_ADMIN_PASSWORD)."""
+    config = configparser.ConfigParser()
+    config["mlflow"] = {
+        "default_permission": DEFAULT_PERMISSION,
+        "database_uri": database_uri,
+        "admin_username": admin_user,
+        "authorization_function": AUTH_FUNCTION,
+    }
+    text = io.StringIO()
+    config.write(text)
+    return text.getvalue()
 
 
 class MlflowServer:
@@ -30,12 +52,18 @@ class MlflowServer:
         self.settings = settings
         self.postgres = postgres
         self.port = port_of(settings.mlflow_tracking_uri)
+        self.home = stack_root / "mlflow"
+        self.auth_config_path = self.home / "basic_auth.ini"
+        self.provisioned = False
 
     def ports(self) -> dict[str, int]:
         return {"http": self.port}
 
     def prepare(self) -> None:
-        pass  # the store is Postgres's `mlflow` database, created when Postgres is ready
+        """The auth INI (the run store is Postgres's `mlflow` database, created when Postgres is ready)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        database_uri = f"sqlite:///{(self.home / 'basic_auth.db').resolve()}"
+        self.auth_config_path.write_text(auth_config(database_uri, self.settings.mlflow_admin_user))
 
     def command(self) -> list[str]:
         return [
@@ -51,6 +79,8 @@ class MlflowServer:
             self.postgres.sqlalchemy_url("mlflow"),
             "--artifacts-destination",
             f"s3://{self.settings.artifacts_bucket}/",
+            "--app-name",
+            AUTH_APP,
         ]
 
     def env(self) -> dict[str, str]:
@@ -60,6 +90,9 @@ class MlflowServer:
             "AWS_SECRET_ACCESS_KEY": self.settings.secret("s3_secret_key"),
             "AWS_DEFAULT_REGION": self.settings.s3_region,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config_path.resolve()),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.settings.secret("mlflow_users.admin"),  # first start only
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.settings.secret("mlflow_server_secret_key"),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
         }
@@ -73,7 +106,13 @@ class MlflowServer:
             return False
 
     def ready(self) -> bool:
-        return self.healthy()
+        """Healthy, and the role users provisioned (once per start; a user already there is updated)."""
+        if not self.healthy():
+            return False
+        if not self.provisioned:
+            provision(self.settings)
+            self.provisioned = True
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"uri": self.settings.mlflow_tracking_uri, "healthy": self.healthy()}

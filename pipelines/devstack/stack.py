@@ -5,7 +5,9 @@ record what we started, so ``down`` stops only our processes, and each service's
 down/up. Ports come from the settings' endpoints. Services start in order (MLflow stores its artifacts
 in S3 and its runs in Postgres, so those first) and stop in reverse order; a new service is one more
 module with the same shape. Airflow's components (``airflow_services``) start on top with
-``leukops airflow up``; ``down`` stops them first, with the rest.
+``leukops airflow up``; ``down`` stops them first, with the rest. In the dev profile ``up`` also makes
+the dev promotion key pair (``<state_dir>/keys``, once): promotion signs with it and serving verifies
+with it (``pipelines.trust.attestation``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipelines.devstack.postgres import Postgres
 from pipelines.devstack.processes import ProcessDir, StackError, busy_ports
 from pipelines.devstack.redis_server import RedisServer
 from pipelines.devstack.seaweedfs import SeaweedFS
+from pipelines.trust.attestation import ensure_dev_key_pair
 
 STOP_TIMEOUT_S = 5.0
 
@@ -63,6 +66,8 @@ class LocalStack:
 
     def up(self) -> dict[str, Any]:
         """Start what is not running yet, in order, each waited for before the next."""
+        if self.settings.profile == "dev":
+            ensure_dev_key_pair(self.settings)
         for service in self.services:
             if self.processes.pid(service.name) is None:
                 self._check_ports(service)

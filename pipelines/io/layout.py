@@ -16,7 +16,12 @@ Bucket layout (one data bucket)::
     drift/references/<task>/<run_id>/<digest>/...        cached reference features of a champion
     serving/requests/date=<day>/part-<id>.parquet        the serving request log
     serving/images/<ab>/<sha256>.<ext>                   request images, when kept
+    manifests/conflicts/<sha256>/<resolution_id>.json    audited resolutions of label conflicts
     state/{ingest,retrain,drift}/...                     idempotency records of the Airflow tasks
+    state/inflight/<source>/<batch_id>.json              (sha, label) of batches being ingested
+    manifests/splits/<task>/<generation>.parquet         committed ledger generations (If-None-Match)
+    state/locks/<name>/<ticket>.json|.released           leases (one holder of a training run key)
+    state/promotions/<task>/<entry_id>.json              promotion journal (alias moves: intended, then done)
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ IMMUTABLE_PREFIXES = (f"{RAW}/", "manifests/", "quarantine/")  # never deleted t
 def raw_key(sha256: str, ext: str) -> str:
     """Content-addressed key of an original: two shard levels keep listings small."""
     return f"{RAW_SHARDS}/{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
+
+
+def sha_of_raw_key(key: str) -> str:
+    """The sha256 a ``raw_key`` names: the inverse of ``raw_key`` (without the extension)."""
+    return key.rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 def raw_shard_dir(sha256: str, depth: int = 4) -> str:
@@ -109,20 +119,108 @@ def data_docs_key(report_prefix: str, relative: str = "index.html") -> str:
 
 
 # --- split ledger and dataset snapshots --------------------------------------------------------------------
+SPLITS = "manifests/splits"
+DATASETS = "manifests/datasets"
+
+
 def ledger_key(task: str) -> str:
-    return f"manifests/splits/{task}.parquet"
+    return f"{SPLITS}/{task}.parquet"
+
+
+def dataset_dir(task: str) -> str:
+    """Every snapshot of a task (dataset parquet + summary per version, and the latest pointer)."""
+    return f"{DATASETS}/{task}/"
 
 
 def dataset_key(task: str, version: str) -> str:
-    return f"manifests/datasets/{task}/{version}.parquet"
+    return f"{DATASETS}/{task}/{version}.parquet"
 
 
 def dataset_summary_key(task: str, version: str) -> str:
-    return f"manifests/datasets/{task}/{version}.json"
+    return f"{DATASETS}/{task}/{version}.json"
 
 
 def latest_dataset_pointer_key(task: str) -> str:
-    return f"manifests/datasets/{task}/latest.json"
+    return f"{DATASETS}/{task}/latest.json"
+
+
+def ledger_generations_dir(task: str) -> str:
+    """Every committed generation of a task's ledger (``data/ledger_store``): immutable, created once each."""
+    return f"{SPLITS}/{task}/"
+
+
+def ledger_generation_key(task: str, generation: int) -> str:
+    return f"{SPLITS}/{task}/{generation:010d}.parquet"
+
+
+def generation_of_ledger_key(key: str) -> int | None:
+    """The generation number of a ``ledger_generation_key``; None for any other key."""
+    name = key.rsplit("/", 1)[-1].removesuffix(".parquet")
+    return int(name) if key.endswith(".parquet") and name.isdigit() else None
+
+
+# --- leases (io/lease.py): one holder at a time, e.g. of a training run key ----------------------------------
+LOCKS = "state/locks"
+
+
+def lease_dir(name: str) -> str:
+    return f"{LOCKS}/{name}/"
+
+
+def lease_ticket_key(name: str, ticket: int) -> str:
+    """Ticket ``n`` of a lease: created once (If-None-Match), its holder's owner record."""
+    return f"{LOCKS}/{name}/{ticket:010d}.json"
+
+
+def lease_release_key(name: str, ticket: int) -> str:
+    return f"{LOCKS}/{name}/{ticket:010d}.released"
+
+
+# --- the promotion journal (trust/journal.py): alias moves announced before they run --------------------------
+PROMOTIONS = "state/promotions"
+
+
+def promotion_journal_dir(task: str | None = None) -> str:
+    return f"{PROMOTIONS}/{task}/" if task else f"{PROMOTIONS}/"
+
+
+def promotion_journal_key(task: str, entry_id: str) -> str:
+    """One journaled alias move of ``task``: written before the aliases move, marked done after."""
+    return f"{PROMOTIONS}/{task}/{entry_id}.json"
+
+
+def training_lease_name(run_key: str) -> str:
+    """The lease one training of a run key holds (``model/candidate``): a second identical run waits."""
+    return f"train/{run_key}"
+
+
+def ticket_of_lease_key(key: str) -> int | None:
+    name = key.rsplit("/", 1)[-1]
+    stem = name.removesuffix(".json")
+    return int(stem) if name.endswith(".json") and stem.isdigit() else None
+
+
+# --- label conflicts and in-flight batches (data/conflicts.py, data/decisions.py) ----------------------------
+CONFLICT_RESOLUTIONS = "manifests/conflicts"  # under manifests/: audit records, never deleted
+INFLIGHT = "state/inflight"  # deleted once the batch is published or held
+
+
+def conflict_resolutions_dir(sha256: str | None = None) -> str:
+    return f"{CONFLICT_RESOLUTIONS}/{sha256}/" if sha256 else f"{CONFLICT_RESOLUTIONS}/"
+
+
+def conflict_resolution_key(sha256: str, resolution_id: str) -> str:
+    """Who resolved a label conflict of one image, when, why, and to which label (one object per decision)."""
+    return f"{CONFLICT_RESOLUTIONS}/{sha256}/{resolution_id}.json"
+
+
+def inflight_dir(source: str | None = None) -> str:
+    return f"{INFLIGHT}/{source}/" if source else f"{INFLIGHT}/"
+
+
+def inflight_batch_key(source: str, batch_id: str) -> str:
+    """The (sha, label) pairs of a batch being ingested, so a concurrent ingest of another source sees them."""
+    return f"{INFLIGHT}/{source}/{batch_id}.json"
 
 
 # --- drift ---------------------------------------------------------------------------------------------------
@@ -167,6 +265,9 @@ def request_image_key(sha256: str, ext: str) -> str:
 
 # --- Airflow task state (idempotent retries) ---------------------------------------------------------------
 STATE = "state"
+INGEST_STATE = f"{STATE}/ingest"
+RETRAIN_STATE = f"{STATE}/retrain"
+DRIFT_STATE = f"{STATE}/drift"
 
 
 def _safe(run_id: str) -> str:
@@ -175,19 +276,19 @@ def _safe(run_id: str) -> str:
 
 
 def ingest_report_key(source: str, run_id: str) -> str:
-    return f"{STATE}/ingest/{source}/{_safe(run_id)}.json"
+    return f"{INGEST_STATE}/{source}/{_safe(run_id)}.json"
 
 
 def retrain_last_attempt_key(task: str) -> str:
-    return f"{STATE}/retrain/{task}/last_attempted.json"
+    return f"{RETRAIN_STATE}/{task}/last_attempted.json"
 
 
 def drift_checked_batches_key(task: str) -> str:
-    return f"{STATE}/drift/{task}/checked_batches.json"
+    return f"{DRIFT_STATE}/{task}/checked_batches.json"
 
 
 def drift_verdict_key(task: str, run_id: str) -> str:
-    return f"{STATE}/drift/{task}/runs/{_safe(run_id)}.json"
+    return f"{DRIFT_STATE}/{task}/runs/{_safe(run_id)}.json"
 
 
 def drift_dag_report_id(task: str, current: str, run_id: str) -> str:
@@ -195,8 +296,29 @@ def drift_dag_report_id(task: str, current: str, run_id: str) -> str:
     return f"{task}-{current.replace(':', '-')}-{_safe(run_id)}"
 
 
+# --- least-privilege S3 identities: the prefixes of the data bucket each role writes and reads ------------
+# Rendered into SeaweedFS identities and MinIO policies by pipelines/devstack/s3_roles.py; "" = the whole
+# bucket. A role deletes only under ROLE_DELETES; the admin pair (the stack itself) may do anything.
+ROLE_WRITES: dict[str, tuple[str, ...]] = {
+    "ingest": (RAW, BATCHES, QUARANTINE, VALIDATION_REPORTS, INGEST_STATE, INFLIGHT, CONFLICT_RESOLUTIONS),
+    "training": (SPLITS, DATASETS, RETRAIN_STATE, LOCKS, PROMOTIONS),  # the retrain DAG: snapshot .. promote
+    "drift": (DRIFT_REPORTS, DRIFT_REFERENCES, DRIFT_STATE),
+    "serving": (SERVING_REQUESTS, SERVING_IMAGES),
+}
+ROLE_READS: dict[str, tuple[str, ...]] = {
+    "ingest": ("",),  # manifests (what is new), and S3 landing buckets (devstack/s3_roles.py)
+    "training": ("",),
+    "drift": ("",),
+    "serving": (SERVING_IMAGES,),  # whether a request image is stored already; models come through MLflow
+}
+ROLE_DELETES: dict[str, tuple[str, ...]] = {
+    "ingest": (INFLIGHT,),  # a batch's in-flight record, once done
+    "training": (LOCKS,),  # old tickets of a training lease (io/lease.py)
+}
+
+
 # --- local stack health probe ------------------------------------------------------------------------------
-HEALTH_PROBE_KEY = "_health/ping"  # overwritten by every health check of the embedded S3 server
+HEALTH_PROBE_KEY = "_health/ping"  # overwritten by every health check, in the stack's own health bucket
 
 
 # --- MLflow: run artifacts and model URIs ------------------------------------------------------------------
@@ -212,12 +334,19 @@ GATE_REPORT_JSON = "gate/report.json"
 GATE_REPORT_MD = "gate/report.md"
 GATE_PREDICTIONS = "gate/predictions"  # per-image test predictions of a run, one file per dataset version
 MODEL_CARD = "model_card.md"
+ATTESTATIONS = "attestation"  # signed promotion statements of a run, one per sequence number
+ATTESTATION_TAG = "attestation"  # version tag: the newest signed statement (pipelines.trust.attestation)
 DRIFT_REPORT_HTML = "drift/report.html"
 DRIFT_REPORT_JSON = "drift/report.json"
 
 
 def explain_overlay_path(label: str) -> str:
     return f"{EXPLAIN_OVERLAYS}/{label}.png"
+
+
+def attestation_path(sequence: int) -> str:
+    """The signed promotion statement with ``sequence`` (zero-padded: listings sort by sequence)."""
+    return f"{ATTESTATIONS}/{sequence:06d}.json"
 
 
 def gate_predictions_path(dataset_version: str) -> str:

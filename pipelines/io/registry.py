@@ -35,6 +35,7 @@ from pipelines.io.layout import (
     run_artifact_uri,
     run_model_uri,
 )
+from pipelines.io.mlflow_access import login
 from pipelines.io.search_filter import quoted
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
+        login(settings)
         uri = settings.mlflow_tracking_uri
         return cls(MlflowClient(tracking_uri=uri, registry_uri=uri), settings)
 
@@ -310,7 +312,7 @@ class Registry:
             restored = self._restore(task, before)
             raise RegistryError(f"moving aliases of {name} failed ({err}); {restored}") from err
         try:  # the aliases have moved and been verified: a failed audit tag must not report a failed move
-            self._write_audit(task, before, after, audit)
+            self.write_audit(task, before, after, audit)
         except Exception as err:  # noqa: BLE001 - logged; the move itself stands
             log.warning("aliases of %s moved to %s, but the audit tag was not written: %s", name, after, err)
         return after
@@ -343,7 +345,8 @@ class Registry:
                 failures.append(f"@{alias} ({err})")
         return f"restore failed for {', '.join(failures)}" if failures else f"restored aliases to {before}"
 
-    def _write_audit(self, task: str, before: dict[str, str], after: dict[str, str], audit: dict[str, str]) -> None:
+    def write_audit(self, task: str, before: dict[str, str], after: dict[str, str], audit: dict[str, str]) -> None:
+        """One ``audit.<n>`` tag (``audit`` + when + before/after) on every version whose aliases changed."""
         record = {
             **audit,
             "when": datetime.now(UTC).isoformat(timespec="seconds"),

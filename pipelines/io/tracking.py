@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings
 from pipelines.io import layout
+from pipelines.io.mlflow_access import drift_experiment, login
 from pipelines.io.registry import RunRecord, run_record
 from pipelines.io.search_filter import quoted
 
@@ -37,6 +38,7 @@ class TrackingError(LeukopsError):
 
 
 def _client(settings: Settings) -> mlflow.MlflowClient:
+    login(settings)
     uri = settings.mlflow_tracking_uri
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -167,6 +169,7 @@ def download_model(settings: Settings, model_uri: str, dst: Path) -> tuple[Path,
 
     Returns the local model folder and the id of the run that logged it (from its MLmodel metadata).
     """
+    login(settings)
     uri = settings.mlflow_tracking_uri
     try:
         local = Path(
@@ -194,7 +197,7 @@ def log_drift_run(
 ) -> str:
     """One finished run in the ``<experiment>-drift`` experiment (kept apart from training candidates)."""
     client = _client(settings)
-    name = f"{settings.mlflow_experiment}-drift"
+    name = drift_experiment(settings)
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)

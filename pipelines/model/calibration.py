@@ -3,8 +3,11 @@
 One scalar T > 0 divides the logits before the softmax: it changes confidences, never the predicted class.
 T is the minimiser of the validation negative log-likelihood, found by scipy's bounded scalar search over
 log T (the NLL is smooth and unimodal in log T). On a validation set the model classifies without one
-error the NLL keeps falling as T → 0 (there is nothing to calibrate against): then, and for validation sets
-too small to say anything (`MIN_CALIBRATION_IMAGES`), the model keeps T = 1 and the reason is recorded.
+error the NLL keeps falling as T → 0 (it would claim certainty): there T is set so that the mean top-class
+confidence on val equals Laplace's rule-of-succession estimate of the accuracy, (n + 1) / (n + 2) — the
+honest claim n correct answers support; a label-smoothed model left at T = 1 would stay underconfident
+(≈ 0.93 on every image). For validation sets too small to say anything (`MIN_CALIBRATION_IMAGES`) the
+model keeps T = 1. Either way the reason is recorded.
 
 `fit_calibration` is the call training makes after fitting: val logits through the one predict path
 (`pipelines.model.predict.loader_logits`, with the TTA the model will be served with) → T → the
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
 from scipy.special import log_softmax
 from torch import nn
 
@@ -76,6 +79,21 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(found.x))
 
 
+def confidence_matching_temperature(logits: np.ndarray, confidence: float) -> float:
+    """The T in `TEMPERATURE_BOUNDS` at which the mean top-class softmax(logits / T) is ``confidence``
+    (the mean top confidence falls monotonically as T grows; clipped to the bounds)."""
+    low, high = np.log(TEMPERATURE_BOUNDS)
+
+    def excess(log_t: float) -> float:
+        return float(probabilities(logits, float(np.exp(log_t))).max(axis=1).mean()) - confidence
+
+    if excess(low) <= 0:
+        return TEMPERATURE_BOUNDS[0]
+    if excess(high) >= 0:
+        return TEMPERATURE_BOUNDS[1]
+    return float(np.exp(brentq(excess, low, high, xtol=1e-6)))
+
+
 def calibrate(logits: np.ndarray, labels: np.ndarray, tta: Sequence[str] = ()) -> Calibration:
     """Fit T on (logits, labels), or keep T = 1 where the data cannot support a fit (see the module doc)."""
     labels = np.asarray(labels, dtype=int)
@@ -84,8 +102,11 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, tta: Sequence[str] = ()) -
         note = f"only {len(labels)} val images (< {MIN_CALIBRATION_IMAGES}): temperature kept at 1"
         temperature = 1.0
     elif np.all(np.asarray(logits).argmax(axis=1) == labels):
-        note = f"no error among {len(labels)} val images (the NLL falls as T -> 0): temperature kept at 1"
-        temperature = 1.0
+        temperature = confidence_matching_temperature(logits, (len(labels) + 1) / (len(labels) + 2))
+        note = (
+            f"no error among {len(labels)} val images (the NLL falls as T -> 0): T set for a mean confidence "
+            f"of (n+1)/(n+2) = {(len(labels) + 1) / (len(labels) + 2):.4f}"
+        )
     else:
         temperature = fit_temperature(logits, labels)
         if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] * 0.99:

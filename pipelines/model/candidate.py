@@ -332,7 +332,18 @@ def fit_prepared(
 
 
 def train_prepared(settings: Settings, run: PreparedRun) -> CandidateSummary:
-    """Fit (resuming a crashed run of the same key), evaluate on test, log the run and its model."""
+    """Fit (resuming a crashed run of the same key), evaluate on test, log the run and its model. The key
+    names the checkpoint and MLflow run: its lease (``io/lease``) makes an identical training wait, then
+    train its own run."""
+    from pipelines.io.lease import Lease
+    from pipelines.io.storage import ObjectStore
+
+    key = run_key(run.resolved_config())
+    with Lease(ObjectStore.from_settings(settings), layout.training_lease_name(key)):
+        return _train_leased(settings, run, key)
+
+
+def _train_leased(settings: Settings, run: PreparedRun, key: str) -> CandidateSummary:
     from pipelines.model.bundle import ModelBundle
     from pipelines.model.calibration import fit_calibration
     from pipelines.model.evaluate import evaluate_logits
@@ -340,7 +351,6 @@ def train_prepared(settings: Settings, run: PreparedRun) -> CandidateSummary:
     from pipelines.model.pyfunc import log_model
 
     resolved = run.resolved_config()
-    key = run_key(resolved)
     checkpoint = checkpoint_file(settings.state_dir, key)
     device = pick_device(run.spec.device)
     name = f"{run.spec.backbone}-{run.spec.augment}"

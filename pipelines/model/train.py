@@ -53,7 +53,7 @@ class TrainConfig:
     epochs: int = 40  # the most epochs; the time budget usually plans fewer
     lr: float = 1e-3  # peak LR of the head (and of every layer from random init)
     head_epochs: int = 0  # pretrained only: epochs that train the head alone before everything opens
-    layer_lr_floor: float = 0.1  # pretrained only: LR scale of the encoder's first layer group (1 = uniform)
+    layer_lr_floor: float = 1.0  # pretrained only: LR scale of the encoder's first layer group (1 = uniform)
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_ratio: float = 0.05  # linear warm-up over this share of the planned steps

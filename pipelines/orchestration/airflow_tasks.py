@@ -1,7 +1,9 @@
 """Entry points of the Airflow tasks: resolve settings, call one library stage, return small JSON.
 
-Inside Airflow the connections ``leukops_s3`` and ``leukops_mlflow`` override the S3 and MLflow
-settings, so one set of DAGs runs against the embedded stack and compose. Every function here is
+Inside Airflow the connections ``leukops_s3_<role>`` and ``leukops_mlflow`` override the S3 and MLflow
+settings, so one set of DAGs runs against the embedded stack and compose; a task's stores sign as its
+least-privilege S3 identity (ingest, training, drift); a task that talks to MLflow
+logs in as its role's user, whose password comes from the connection ``leukops_mlflow_<role>``. Every function here is
 idempotent: a rerun with the same Airflow run id finds and returns what the first attempt made.
 """
 
@@ -12,7 +14,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from pipelines.core.errors import LeukopsError
-from pipelines.core.settings import Settings, get_settings
+from pipelines.core.settings import MlflowRole, S3Credentials, S3Role, Settings, get_settings
 from pipelines.io.layout import (
     drift_checked_batches_key,
     drift_dag_report_id,
@@ -53,19 +55,51 @@ def _airflow_connection(conn_id: str):
         return None
 
 
-def task_settings(params: dict[str, Any] | None = None) -> Settings:
-    """The settings, with the S3/MLflow values of the Airflow connections when they exist and the run's
-    validated overrides (``params``: the DAG run's params, see ``orchestration.params``)."""
-    settings = with_overrides(get_settings(), params or {})
-    overrides: dict[str, Any] = {}
-    s3 = _airflow_connection("leukops_s3")
-    if s3 is not None:
+def _mlflow_login(settings: Settings, role: MlflowRole) -> dict[str, Any]:
+    """Settings overrides that make the task log in to MLflow as ``role``: the password of the connection
+    ``leukops_mlflow_<role>`` when it exists (its login must be the role's user), else the settings' own."""
+    overrides: dict[str, Any] = {"mlflow_role": role}
+    conn_id = f"leukops_mlflow_{role}"
+    conn = _airflow_connection(conn_id)
+    if conn is not None and conn.password:
+        if conn.login != role:
+            raise FlowError(f"Airflow connection {conn_id}: login {conn.login!r} is not the MLflow user {role!r}")
         from pydantic import SecretStr
 
-        extra = s3.extra_dejson
-        overrides |= {"s3_access_key": SecretStr(s3.login), "s3_secret_key": SecretStr(s3.password)}
-        if extra.get("endpoint_url"):
-            overrides["s3_endpoint"] = extra["endpoint_url"]
+        overrides["mlflow_users"] = settings.mlflow_users.model_copy(update={role: SecretStr(conn.password)})
+    return overrides
+
+
+def s3_connection_id(role: S3Role) -> str:
+    return f"leukops_s3_{role}"
+
+
+def _s3_login(settings: Settings, role: S3Role) -> dict[str, Any]:
+    """Settings overrides that make the task's stores sign as the S3 identity ``role``: the key pair (and
+    endpoint) of the connection ``leukops_s3_<role>`` when it exists, else the settings' ``s3_roles.<role>``.
+    The workers run every role's tasks, so the task picks its identity, never the worker's environment."""
+    overrides: dict[str, Any] = {"s3_role": role}
+    conn = _airflow_connection(s3_connection_id(role))
+    if conn is not None and conn.login:
+        from pydantic import SecretStr
+
+        keys = S3Credentials(access_key=SecretStr(conn.login), secret_key=SecretStr(conn.password or ""))
+        overrides["s3_roles"] = settings.s3_roles.model_copy(update={role: keys})
+        if endpoint := conn.extra_dejson.get("endpoint_url"):
+            overrides["s3_endpoint"] = endpoint
+    return overrides
+
+
+def task_settings(
+    params: dict[str, Any] | None = None, mlflow_role: MlflowRole | None = None, s3_role: S3Role | None = None
+) -> Settings:
+    """The settings, with the S3/MLflow values of the Airflow connections when they exist and the run's
+    validated overrides (``params``: the DAG run's params, see ``orchestration.params``); ``mlflow_role``:
+    the MLflow user the task logs in as; ``s3_role``: the least-privilege S3 identity its stores sign as."""
+    settings = with_overrides(get_settings(), params or {})
+    overrides: dict[str, Any] = _mlflow_login(settings, mlflow_role) if mlflow_role else {}
+    if s3_role:
+        overrides |= _s3_login(settings, s3_role)
     mlflow = _airflow_connection("leukops_mlflow")
     if mlflow is not None and mlflow.host:
         host = mlflow.host if "://" in mlflow.host else f"{mlflow.schema or 'http'}://{mlflow.host}"
@@ -101,7 +135,7 @@ def pending_files(source: str) -> int:
     from pipelines.data.manifests import all_manifests
     from pipelines.data.sources import list_files, load_source, reader_for
 
-    settings = task_settings()
+    settings = task_settings(s3_role="ingest")
     spec = load_source(source, settings)
     seen = set(all_manifests(_store(settings), source).get("path", []))
     return sum(1 for f in list_files(spec, reader_for(spec, settings)) if f.path not in seen)
@@ -109,16 +143,24 @@ def pending_files(source: str) -> int:
 
 def ingest(source: str, run_id: str, run_date: str) -> dict[str, Any]:
     """Ingest + validate one source; the report is kept under the run id so a retry (or a cleared task)
-    returns the same verdict instead of "nothing new"."""
+    returns the same verdict instead of "nothing new". The verdict is stored before its manifest is
+    published, so S3 failing between the two cannot lose a quarantine alert; a stored verdict whose
+    manifest never landed is ingested again."""
     from pipelines.data.ingest import ingest_source
+    from pipelines.data.quarantine import verdict_landed
     from pipelines.data.sources import load_source
 
-    settings = task_settings()
+    settings = task_settings(s3_role="ingest")
     store = _store(settings)
     report_key = ingest_report_key(source, run_id)
-    if (stored := _read_state(store, report_key)) is not None:
+    if (stored := _read_state(store, report_key)) is not None and verdict_landed(store, stored):
         return stored
-    report = ingest_source(load_source(source, settings), settings, store, run_date=run_date).to_dict()
+
+    def record(verdict) -> None:
+        store.put_json(report_key, verdict.to_dict())
+
+    spec = load_source(source, settings)
+    report = ingest_source(spec, settings, store, run_date=run_date, record_verdict=record).to_dict()
     store.put_json(report_key, report)
     return report
 
@@ -148,7 +190,7 @@ def ingest_verdict(report: dict[str, Any]) -> dict[str, Any]:
 def snapshot_tasks(params: dict[str, Any]) -> list[dict[str, Any]]:
     from pipelines.data.snapshot import snapshot_summary, take_snapshot
 
-    settings = task_settings(params)
+    settings = task_settings(params, s3_role="training")
     store = _store(settings)
     return [snapshot_summary(task, take_snapshot(store, settings, task)) for task in settings.retrain.tasks]
 
@@ -159,7 +201,7 @@ def plan_candidates(snapshots: list[dict[str, Any]], run_id: str, params: dict[s
     force, reason = bool(params.get("force")), str(params.get("reason") or "").strip()
     if force and not reason:
         raise FlowError("force=true needs a reason (it is recorded with the runs)")
-    settings = task_settings(params)
+    settings = task_settings(params, s3_role="training")
     store = _store(settings)
     grid = settings.retrain
     candidates = []
@@ -205,7 +247,7 @@ def train(candidate: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     from pipelines.model.candidate import finished_candidate, train_candidate
 
     check_cell(candidate)
-    settings = task_settings(params)
+    settings = task_settings(params, mlflow_role="training", s3_role="training")
     finished = finished_candidate(settings, {AIRFLOW_RUN_KEY_TAG: candidate["candidate_key"]})
     if finished is not None:
         return {**candidate, **finished.to_dict(), "reused": True}
@@ -227,14 +269,18 @@ def train(candidate: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 
 def explain(trained: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Grad-CAM/LIME and the shortcut test, then the external validation on every holdout source of the
+    task: both logged to the candidate's run, where the gate reads them."""
+    from pipelines.model.holdout import evaluate_run_on_holdouts
     from pipelines.trust.explain import explain_run
 
-    settings = task_settings(params)
+    settings = task_settings(params, mlflow_role="training", s3_role="training")
     grid = settings.retrain
     summary = explain_run(
         trained["run_id"], samples=grid.explain_samples, lime_images=grid.explain_lime_images, settings=settings
     )
-    return {**trained, "explain": summary}
+    holdouts = evaluate_run_on_holdouts(trained["run_id"], trained["task"], settings)
+    return {**trained, "explain": summary, "holdouts": holdouts}
 
 
 def survivors(planned: list[dict[str, Any]], finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -259,7 +305,7 @@ def gate_and_promote(
     from pipelines.trust.promote import select_and_promote
 
     candidates = survivors(planned, finished)
-    settings = task_settings(params)
+    settings = task_settings(params, mlflow_role="promotion", s3_role="training")
     store = _store(settings)
     outcomes = {}
     for task in sorted({c["task"] for c in candidates}):
@@ -319,7 +365,7 @@ def check_drift(task: str, run_id: str, when: datetime) -> dict[str, Any]:
     """
     from pipelines.monitor.inputs import find_champion
 
-    settings = task_settings()
+    settings = task_settings(mlflow_role="drift", s3_role="drift")
     store = _store(settings)
     verdict_key = drift_verdict_key(task, run_id)
     if (stored := _read_state(store, verdict_key)) is not None:
@@ -366,9 +412,16 @@ def _drift_reports(
         except DriftError as err:  # e.g. no serving requests in the window, a batch too small to compare
             log.info("drift %s: %s", current, err)
             continue
-        reports.append({"current": current, **outcome.to_dict()})
-        log.info("drift %s (%d/%d): %s", current, len(reports), len(currents), reports[-1].get("report_html"))
+        report = outcome.to_dict()
+        reports.append({"current": current, **report, "report_url": _browser_url(store, report.get("report_html"))})
+        log.info("drift %s (%d/%d): %s", current, len(reports), len(currents), reports[-1]["report_url"])
     return reports
+
+
+def _browser_url(store: ObjectStore, uri: str | None) -> str | None:
+    """A presigned http URL for an ``s3://`` URI in the store's bucket (alerts need a clickable link)."""
+    prefix = f"s3://{store.bucket}/"
+    return store.presigned_url(uri.removeprefix(prefix)) if uri and uri.startswith(prefix) else uri
 
 
 def _mark_batches_checked(store: ObjectStore, task: str, reports: list[dict[str, Any]]) -> None:
@@ -383,7 +436,7 @@ def retrain_decision(verdicts: list[dict[str, Any]]) -> dict[str, Any]:
     if not drifted:
         return {"action": "none", "message": "no drift that calls for a retrain", "tasks": []}
     with_labels = [v["task"] for v in drifted if v["new_labelled_images"] > 0]
-    links = [r["report_html"] for v in drifted for r in v["reports"] if r["retrain_recommended"]]
+    links = [r.get("report_url") or r["report_html"] for v in drifted for r in v["reports"] if r["retrain_recommended"]]
     if not with_labels:
         return {
             "action": "alert",

@@ -11,7 +11,10 @@ tagged with the gate's key results, and moves aliases as the very last step:
 - failed but passed every value check → ``@challenger``; otherwise no alias.
 
 A refused candidate is still registered, so the registry holds every gate result (``list_models``).
-The model card of a passed version is ``pipelines.trust.model_card``'s.
+The model card of a passed version is ``pipelines.trust.model_card``'s. Whatever makes a version
+``@champion`` (promote, approve, rollback) first signs it with a new promotion sequence number
+(``pipelines.trust.attestation``: stored, read back and verified before any alias moves); serving loads
+only the newest signed version.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from pipelines.core.errors import LeukopsError
 from pipelines.core.settings import Settings, get_settings
 from pipelines.io.layout import GATE_REPORT_JSON, GATE_REPORT_MD
 from pipelines.io.registry import Registry, RunRecord, VersionRecord
+from pipelines.trust.attestation import attest
 from pipelines.trust.evidence import candidate_metrics as evidence_metrics
 from pipelines.trust.evidence import holdout_figures, holdout_sources, required_tag, test_predictions
 from pipelines.trust.gate import CandidateMetrics, GateDecision, decide
+from pipelines.trust.journal import finish_unfinished, journaled_move
 from pipelines.trust.model_card import write_model_card
 
 if TYPE_CHECKING:
@@ -49,6 +54,7 @@ class Promotion:
     aliases: tuple[str, ...]
     report_uri: str
     model_card_uri: str | None
+    attestation_sequence: int | None = None  # the promotion it was signed as (None: not made champion)
 
     @property
     def promoted(self) -> bool:
@@ -69,6 +75,7 @@ class Promotion:
             "champion_before": self.decision.champion,
             "gate_report": self.report_uri,
             "model_card": self.model_card_uri,
+            "attestation_sequence": self.attestation_sequence,
         }
 
 
@@ -171,6 +178,7 @@ def _gate(registry: Registry, settings: Settings, run: RunRecord) -> tuple[Candi
 
     store = ObjectStore.from_settings(settings)
     task, dataset_version = required_tag(run, "task"), required_tag(run, "dataset_version")
+    finish_unfinished(registry, store, task, by="promote")  # a half move of an earlier one: gate vs its end
     champion = registry.champion(task)
     if champion is not None and champion.run_id == run.run_id:
         raise PromotionError(f"run {run.run_id} is already @champion ({champion.name} v{champion.version})")
@@ -180,6 +188,31 @@ def _gate(registry: Registry, settings: Settings, run: RunRecord) -> tuple[Candi
         return candidate, decide(candidate, None, settings.gate)
     champ = _champion_metrics(registry, settings, store, champion, candidate)
     return candidate, decide(candidate, champ, settings.gate)
+
+
+def _attest_champion(
+    registry: Registry, settings: Settings, task: str, moves: list[tuple[str, str | None]], action: str, why: str
+) -> int | None:
+    """Sign the version the moves make @champion (before they run); its sequence, None if none becomes it."""
+    target = dict(moves).get("champion")
+    if target is None:
+        return None
+    return attest(registry, settings, task, target, action, why, _actor(settings)).sequence
+
+
+def _journaled(
+    registry: Registry, settings: Settings, task: str, moves: list[tuple[str, str | None]], audit: dict[str, str]
+) -> dict[str, str]:
+    """The alias moves, announced in the promotion journal first (a half move is ended by the next one)."""
+    from pipelines.io.storage import ObjectStore
+
+    return journaled_move(registry, ObjectStore.from_settings(settings), task, moves, audit)
+
+
+def _finish_unfinished(registry: Registry, settings: Settings, task: str, by: str) -> None:
+    from pipelines.io.storage import ObjectStore
+
+    finish_unfinished(registry, ObjectStore.from_settings(settings), task, by)
 
 
 def _store_reports(registry: Registry, run: RunRecord, decision: GateDecision) -> str:
@@ -206,14 +239,14 @@ def _promote_one(registry: Registry, settings: Settings, run: RunRecord, reason:
             f"{run.run_id} was being gated; promote it again to gate it against the new champion"
         )
     moves = gate_moves(decision, before, version.version, settings.require_approval)
-    after = before
+    after, sequence = before, None
     if moves:
         action = "promote" if decision.passed and not settings.require_approval else "challenger"
-        after = registry.move_aliases(
-            task, moves, {"action": action, "who": _actor(settings), "why": reason, "run_id": run.run_id}
-        )
+        sequence = _attest_champion(registry, settings, task, moves, action, reason)
+        audit = {"action": action, "who": _actor(settings), "why": reason, "run_id": run.run_id}
+        after = _journaled(registry, settings, task, moves, audit)
     aliases = tuple(sorted(a for a, v in after.items() if v == version.version))
-    return Promotion(run.run_id, task, version.version, decision, aliases, report_uri, card_uri)
+    return Promotion(run.run_id, task, version.version, decision, aliases, report_uri, card_uri, sequence)
 
 
 # --- entry points --------------------------------------------------------------------------------------
@@ -280,6 +313,7 @@ def approve(task: str, version: str | int, reason: str, settings: Settings | Non
     settings = settings or get_settings()
     registry = Registry.from_settings(settings)
     record = registry.version(task, str(version))
+    _finish_unfinished(registry, settings, task, by="approve")
     aliases = registry.aliases(task)
     if record.tags.get("gate.passed") != "true":
         raise PromotionError(
@@ -295,18 +329,28 @@ def approve(task: str, version: str | int, reason: str, settings: Settings | Non
             f"v{aliases.get('champion')}; run `leukops promote --run-id {record.run_id}` again"
         )
     moves = promotion_moves(aliases, record.version, approval_required=False)
-    after = registry.move_aliases(
+    sequence = _attest_champion(registry, settings, task, moves, "approve", reason)
+    after = _journaled(
+        registry,
+        settings,
         task,
         moves,
         {"action": "approve", "who": _actor(settings), "why": reason, "run_id": record.run_id or ""},
     )
-    return {"task": task, "version": int(record.version), "promoted": True, "aliases": after}
+    return {
+        "task": task,
+        "version": int(record.version),
+        "promoted": True,
+        "aliases": after,
+        "attestation_sequence": sequence,
+    }
 
 
 def rollback(task: str, reason: str, settings: Settings | None = None) -> dict[str, Any]:
     """@champion goes back to @previous, which then holds the rolled-back version (a rollback undoes one)."""
     settings = settings or get_settings()
     registry = Registry.from_settings(settings)
+    _finish_unfinished(registry, settings, task, by="rollback")
     aliases = registry.aliases(task)
     name = registry.model_name(task)
     if "champion" not in aliases or "previous" not in aliases:
@@ -314,12 +358,15 @@ def rollback(task: str, reason: str, settings: Settings | None = None) -> dict[s
             f"{name} has no @champion and @previous to roll back between (aliases: {aliases or 'none'})"
         )
     moves = [("champion", aliases["previous"]), ("previous", aliases["champion"])]
-    after = registry.move_aliases(task, moves, {"action": "rollback", "who": _actor(settings), "why": reason})
+    sequence = _attest_champion(registry, settings, task, moves, "rollback", reason)  # a new, newest sequence
+    audit = {"action": "rollback", "who": _actor(settings), "why": reason}
+    after = _journaled(registry, settings, task, moves, audit)
     return {
         "task": task,
         "champion": int(after["champion"]),
         "rolled_back": int(aliases["champion"]),
         "aliases": after,
+        "attestation_sequence": sequence,
     }
 
 

@@ -174,19 +174,19 @@ def test_helm_values_parse_and_use_the_project_image():
     assert not secrets_in_values
 
 
-def _settings_env_names() -> set[str]:
-    """LEUKOPS_<FIELD> of every setting, and LEUKOPS_<SECTION>__<KEY> of every key of a nested section."""
+def _settings_env_names(model=None, prefix: str = "") -> set[str]:
+    """LEUKOPS_<FIELD> of every setting, and LEUKOPS_<SECTION>__<KEY>[__<KEY>] of every key of a nested section."""
     from pydantic import BaseModel
 
     from pipelines.core.settings import Settings, env_name
 
     names = set()
-    for name, field in Settings.model_fields.items():
+    for name, field in (model or Settings).model_fields.items():
         section = field.annotation if isinstance(field.annotation, type) else None
         if section is not None and issubclass(section, BaseModel):
-            names |= {env_name(f"{name}.{key}") for key in section.model_fields}
+            names |= _settings_env_names(section, f"{prefix}{name}.")
         else:
-            names.add(env_name(name))
+            names.add(env_name(prefix + name))
     return names
 
 

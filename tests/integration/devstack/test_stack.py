@@ -18,6 +18,7 @@ from pipelines.devstack import postgres
 from pipelines.devstack.processes import StackError
 from pipelines.devstack.stack import LocalStack
 from pipelines.io import layout
+from pipelines.io.mlflow_access import login
 from pipelines.io.storage import BucketMissingError, ObjectStore, StorageAuthError, sha256_hex
 from tests.conftest import _free_port_block, searchable
 
@@ -99,6 +100,7 @@ def test_raw_objects_cannot_be_deleted(store):
 
 
 def test_mlflow_artifact_lands_in_the_s3_bucket(stack, settings, tmp_path):
+    login(settings)  # the server is behind basic auth
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_experiment("stack-test")
     note = tmp_path / "note.txt"

@@ -196,3 +196,24 @@ def test_drift_retrain_request_starts_the_retrain_by_asset(scheduler: Scheduler,
     states = _states(scheduler, "leukops_nightly_retrain", retrain["dag_run_id"])
     assert [ti["state"] for ti in states["train"]] == ["success"], report  # new labelled data: it trained
     _assert_trained_on_the_gpu_worker(states["train"])
+
+
+def test_the_demo_summary_links_answer_over_http(scheduler: Scheduler):
+    """The links `make demo` prints for the newest successful run of each DAG — Airflow runs, the MLflow
+    champion version, the Data Docs and the drift report — are http URLs that answer (200 / redirect / 401)."""
+    from pipelines.devstack.demo import DAGS, LINK_OK, run_summary, run_url
+
+    runs = {}
+    for dag_id in DAGS:
+        done = [r for r in scheduler.client.dag_runs(dag_id) if r["state"] == "success"]
+        newest = max(done, key=lambda r: r["run_after"])
+        runs[dag_id] = {
+            "run_id": newest["dag_run_id"],
+            "state": "success",
+            "url": run_url(scheduler.settings, dag_id, newest["dag_run_id"]),
+        }
+    links = run_summary(scheduler.settings, scheduler.client, TASK, runs)["links"]
+    kinds = {label.split(" ", 1)[0] for label in links}
+    assert {"Airflow", "MLflow", "Data", "drift"} <= kinds, links
+    assert all(link["url"].startswith("http") for link in links.values()), links
+    assert all(link["status"] in LINK_OK for link in links.values()), links

@@ -4,13 +4,16 @@ registry, served by the real app (registry source, S3 request log), hot-reloaded
 The champion is a real transfer-learned EfficientNet-Lite0 (32 real Taleqani images ingested into S3,
 a snapshot, one 64 px epoch via ``pipelines.model.candidate.train_candidate``), registered and aliased with
 ``pipelines.io.registry``. The second version (for the alias move) is a real untrained custom_cnn logged
-through ``pipelines.model.pyfunc.log_model``. Each module run uses its own registered-model prefix.
+through ``pipelines.model.pyfunc.log_model``. Each module run uses its own registered-model prefix. Both
+are signed (``pipelines.trust.attestation``, the session stack's dev key pair) over a stand-in passing gate
+report before their alias moves: serving loads only attested versions (tests/integration/trust/test_attestation.py).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import time
 import uuid
@@ -27,8 +30,9 @@ from pipelines.core.taxonomy import get_task
 from pipelines.data.ingest import ingest_source
 from pipelines.data.snapshot import take_snapshot
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
-from pipelines.io.layout import SERVING_REQUESTS
+from pipelines.io.layout import GATE_REPORT_JSON, SERVING_REQUESTS
 from pipelines.io.registry import Registry
+from pipelines.trust.attestation import attest
 from serving.app import create_app
 from serving.requestlog import CONTRACT_COLUMNS
 
@@ -46,6 +50,13 @@ def _ingest_taleqani(settings, store, shared_data: Path, root: Path) -> None:
     save_source(source, settings, replace=True)
     report = ingest_source(load_source("serving-train", settings), settings, store, run_date="2026-01-02")
     assert report.accepted == 4 * 8, report
+
+
+def _attest(settings, registry: Registry, version: str, run_id: str) -> None:
+    """Sign ``version`` as promotion does; the gate itself is tested in tests/integration/trust."""
+    report = {"passed": True, "dataset_version": "serving-test", "thresholds": {}}
+    registry.log_text(run_id, json.dumps(report), GATE_REPORT_JSON)
+    attest(registry, settings, TASK, version, "promote", "serving test", "tests/integration/test_serving.py")
 
 
 def _log_untrained_version(settings, registry: Registry) -> str:
@@ -68,6 +79,7 @@ def _log_untrained_version(settings, registry: Registry) -> str:
     with TrainingTracker(settings, run_key=f"serving-{uuid.uuid4().hex}", run_name="v2", tags=tags) as run:
         log_model(run, bundle, backbone.model.state_dict(), example)
     record = registry.register(TASK, registry.read_run(run.run_id), {"gate.passed": "true"}, "test v2")
+    _attest(settings, registry, record.version, run.run_id)
     return record.version
 
 
@@ -112,6 +124,7 @@ def champion(serve_settings, store, shared_data, tmp_path_factory) -> dict:
         {"gate.passed": "true", "gate.macro_f1": f"{trained.test_f1:.3f}"},
         "test",
     )
+    _attest(serve_settings, registry, record.version, trained.run_id)
     registry.move_aliases(TASK, [("champion", record.version)], AUDIT)
     return {"version": record.version, "run_id": trained.run_id, "registry": registry}
 
@@ -149,6 +162,7 @@ def test_champion_predicts_a_valid_distribution_on_real_images(client, serve_set
     info = client.get("/v1/model", headers=_auth(serve_settings)).json()
     assert info["aliases"] == ["champion"] and info["preprocessing"]["input_size"] == [3, 64, 64]
     assert info["gate"]["passed"] == "true"
+    assert info["attestation"]["valid"] is True and info["attestation"]["sequence"] == 1
 
 
 def test_explain_returns_a_decodable_png_of_the_input_size(client, serve_settings, smears) -> None:
@@ -234,4 +248,5 @@ def test_moving_champion_is_picked_up_without_restart(client, serve_settings, ch
     info = client.get("/v1/model", headers=_auth(serve_settings)).json()
     assert info["version"] == new_version and info["preprocessing"]["input_size"] == [3, 64, 64]
     assert client.get("/readyz").json()["reloads"] == 2
-    assert f"leukops_model_version {float(new_version)}" in client.get("/metrics").text
+    assert client.get("/metrics").status_code == 401  # metrics need a token
+    assert f"leukops_model_version {float(new_version)}" in client.get("/metrics", headers=_auth(serve_settings)).text

@@ -1,4 +1,5 @@
 import io
+import struct
 
 import cv2
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.data.imagefacts import (
+    DECODE_REASONS,
     FACT_COLUMNS,
     ImageDecodeError,
     decode_image,
@@ -118,3 +120,83 @@ def test_non_raster_formats_are_not_opened():
     with pytest.raises(ImageDecodeError) as err:
         decode_image(eps)
     assert err.value.reason == "not_an_image"
+
+
+def _with_orientation(rgb: np.ndarray, fmt: str, orientation: int) -> bytes:
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied_so_ingest_training_and_serving_see_the_upright_image(fmt):
+    stored = np.full((32, 64, 3), 255, np.uint8)  # 64 wide, 32 high, as the sensor wrote it
+    stored[:, :16] = (200, 0, 0)  # a red band on the left
+    decoded = decode_image(_with_orientation(stored, fmt, 6))  # 6: turn 90° clockwise to display
+    assert decoded.rgb.shape == (64, 32, 3)  # upright: 32 wide, 64 high
+    assert decoded.rgb[:8, :, 0].mean() > 180 and decoded.rgb[:8, :, 1].mean() < 40  # the left band is now on top
+    assert decoded.rgb[-8:, :, 1].mean() > 200
+    plain = decode_image(_with_orientation(stored, fmt, 1))
+    assert plain.rgb.shape == (32, 64, 3)
+
+
+PILLOW_FUZZ_ERRORS = [
+    MemoryError,
+    OverflowError,
+    NotImplementedError,
+    ValueError,
+    struct.error,
+    SyntaxError,
+    TypeError,
+    EOFError,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    OSError,
+]
+
+
+@pytest.mark.parametrize("stage", ["load", "convert"])
+@pytest.mark.parametrize("error", PILLOW_FUZZ_ERRORS)
+def test_the_exceptions_pillow_raises_on_hostile_files_become_decode_errors(smear, monkeypatch, stage, error):
+    """Pillow's own fuzzers treat these as expected for hostile files; the mode conversion is guarded too."""
+    data = _png(smear)
+
+    def hostile(*args, **kwargs):
+        raise error("hostile bytes")
+
+    monkeypatch.setattr(Image.Image, stage, hostile)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.reason in DECODE_REASONS and "hostile bytes" in err.value.detail
+
+
+def test_a_decompression_bomb_found_while_loading_is_refused(smear, monkeypatch):
+    data = _png(smear)
+
+    def bomb(*args, **kwargs):
+        raise Image.DecompressionBombError("image size exceeds limit")
+
+    monkeypatch.setattr(Image.Image, "load", bomb)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert err.value.reason == "too_many_pixels"
+
+
+def test_the_side_range_is_the_ingest_suites():
+    """Serving refuses what ingest refuses: both read `IMAGE_SIDE_RANGE`, which must equal the suite's rule."""
+    import json
+    from pathlib import Path
+
+    from pipelines.data.imagefacts import IMAGE_SIDE_RANGE
+
+    suite = json.loads((Path(__file__).resolve().parents[3] / "expectations/suites/image_batch.json").read_text())
+    ranges = {
+        e["kwargs"]["column"]: (e["kwargs"]["min_value"], e["kwargs"]["max_value"])
+        for e in suite["expectations"]
+        if e["kwargs"].get("column") in ("width", "height") and "min_value" in e["kwargs"]
+    }
+    assert ranges == {"width": IMAGE_SIDE_RANGE, "height": IMAGE_SIDE_RANGE}

@@ -151,6 +151,23 @@ def test_holdout_shas_never_enter_and_the_output_says_so(taleqani: list[Path]) -
     assert any("holdout" in w for w in result.warnings)
 
 
+def test_reencoded_copies_of_holdout_images_stay_out_of_training_and_are_counted(taleqani: list[Path]) -> None:
+    rows = rows_from(taleqani[:60])
+    holdout_hashes = []
+    for path in taleqani[:4]:  # the holdout lab sent re-encoded, resized copies of four training images
+        small = cv2.resize(decode_image(path.read_bytes()).rgb, (200, 200), interpolation=cv2.INTER_AREA)
+        buffer = io.BytesIO()
+        Image.fromarray(small).save(buffer, "JPEG", quality=60)
+        holdout_hashes.append(perceptual_hash(decode_image(buffer.getvalue()).rgb))
+    pool = phash_ints(holdout_hashes)
+    near = {r.sha256 for r in rows.itertuples() if hamming_to_all(phash_ints([r.phash])[0], pool).min() <= 6}
+    result = build_snapshot(TASK, rows, set(), empty_ledger(), {}, holdout_phashes=holdout_hashes)
+    assert set(rows_from(taleqani[:4])["sha256"]) <= near and not near & set(result.snapshot.frame["sha256"])
+    assert result.excluded_holdout_near_duplicates == len(near) and result.excluded_holdout == 0
+    assert len(result.snapshot.frame) == len(rows) - len(near)
+    assert any("near-duplicates of holdout images" in w for w in result.warnings)
+
+
 def test_counts_and_version_follow_the_rows(taleqani: list[Path]) -> None:
     rows = rows_from(taleqani)
     result = build_snapshot(TASK, rows, set(), empty_ledger(), {})

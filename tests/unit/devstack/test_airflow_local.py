@@ -31,7 +31,9 @@ def test_the_venv_bin_dir_leads_path_without_an_activated_venv(local_settings, m
 
 def test_the_connections_carry_the_stack_endpoints(local_settings) -> None:
     env = airflow_env(local_settings)
-    assert local_settings.s3_endpoint in env["AIRFLOW_CONN_LEUKOPS_S3"]
+    for role in ("ingest", "training", "drift"):  # one least-privilege S3 identity per task role
+        assert local_settings.s3_endpoint in env[f"AIRFLOW_CONN_LEUKOPS_S3_{role.upper()}"]
+    assert "AIRFLOW_CONN_LEUKOPS_S3" not in env  # the admin pair never reaches Airflow
     assert local_settings.mlflow_tracking_uri in env["AIRFLOW_CONN_LEUKOPS_MLFLOW"]
 
 

@@ -46,14 +46,17 @@ def test_ece_and_nll_drop_after_calibrating_overconfident_logits() -> None:
     assert {"calibration_temperature", "val_ece", "val_ece_uncalibrated"} <= set(calibration.to_metrics())
 
 
-def test_too_few_or_error_free_val_images_keep_temperature_one() -> None:
+def test_too_few_val_images_keep_temperature_one_and_error_free_ones_claim_the_rule_of_succession() -> None:
     logits, labels = _logits_with_temperature(MIN_CALIBRATION_IMAGES - 1, 3.0)
     small = calibrate(logits, labels)
     assert small.temperature == 1.0 and "val images" in small.note
     truth = np.arange(200) % 4
-    perfect = calibrate(np.eye(4)[truth] * 5, truth)  # every val image right: nothing to calibrate on
-    assert perfect.temperature == 1.0 and "no error" in perfect.note
-    assert perfect.ece_after == perfect.ece_before > 0
+    perfect = calibrate(np.eye(4)[truth] * 5, truth)  # every val image right: the NLL has no minimum
+    # softmax of a 5-logit margin over 4 classes is 0.980 at T = 1: sharpened to (n+1)/(n+2) = 201/202
+    assert perfect.temperature < 1.0 and "no error" in perfect.note
+    confidence = probabilities(np.eye(4)[truth] * 5, perfect.temperature).max(axis=1).mean()
+    assert confidence == pytest.approx(201 / 202, abs=1e-5)
+    assert perfect.ece_after < perfect.ece_before
     rng = np.random.default_rng(3)  # logits unrelated to the labels: the NLL wants a uniform softmax
     noise = calibrate(rng.normal(0, 3, (300, 4)), rng.integers(0, 4, 300))
     assert noise.temperature == pytest.approx(TEMPERATURE_BOUNDS[1], rel=0.01) and "at the bound" in noise.note

@@ -18,6 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import SecretStr
 
 from pipelines.core.settings import ServingSettings, Settings, SettingsError
 from pipelines.core.taxonomy import get_task
@@ -26,6 +27,7 @@ from pipelines.io.layout import request_log_part_key
 from pipelines.model.backbones import create_backbone
 from pipelines.model.bundle import LoadedModel, ModelBundle
 from pipelines.model.preprocess import preprocessing_from
+from pipelines.trust.attestation import UNATTESTED
 from serving.app import create_app
 from serving.explain import heatmap_on_input, roi_box
 from serving.model import BatchPredictor, ModelHolder, ModelVersion, ServedModel, forward
@@ -73,6 +75,9 @@ class AliasSource:
         if version in self.broken:
             raise RuntimeError(f"weights of version {version} are unreadable")
         return self.models[version]
+
+    def attestation(self, version: str) -> dict:
+        return dict(UNATTESTED)  # the registry source's verification is tested in tests/*/trust/test_attestation.py
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,8 @@ def test_missing_or_wrong_token_is_refused_with_401(client, smear) -> None:
         ("notes.txt", b"this is not an image, it is a note", 415, "not_an_image"),
         ("corrupt.jpg", _jpeg(np.full((64, 64, 3), 90, np.uint8))[:200] + b"\x13" * 2000, 422, "decoded"),
         ("huge.png", _png(np.zeros((1500, 1500, 3), np.uint8)), 413, "too_many_pixels"),
-        ("sliver.png", _png(np.full((1, 300, 3), 200, np.uint8)), 422, "too small"),
+        ("sliver.png", _png(np.full((1, 300, 3), 200, np.uint8)), 422, "outside 64..8192 px"),
+        ("tiny.png", _png(np.full((32, 32, 3), 200, np.uint8)), 422, "32x32 px is outside"),  # ingest refuses it too
     ],
 )
 def test_bad_images_get_a_4xx_naming_the_reason(client, name, payload, status, words) -> None:
@@ -203,13 +209,13 @@ def test_probes_metrics_and_openapi(client, smear) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     _post(client, "empty.jpg", b"")
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=AUTH).text
     assert 'leukops_requests_total{method="POST",route="/v1/predict",status="200"}' in text
     assert 'leukops_request_errors_total{method="POST",route="/v1/predict",status="400"}' in text
     assert 'leukops_request_latency_seconds_bucket{le="0.5",method="POST",route="/v1/predict"}' in text
     assert "leukops_model_version 1.0" in text
-    assert 'leukops_predictions_total{predicted_class="' in text
-    schema = client.get("/openapi.json").json()
+    assert "leukops_predictions_total " in text and "predicted_class" not in text  # per class: off by default
+    schema = client.get("/openapi.json", headers=AUTH).json()
     assert "multipart/form-data" in schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
 
 
@@ -232,14 +238,14 @@ def test_moving_the_alias_hot_reloads_and_a_broken_version_keeps_the_old_model(u
         assert holder.check_for_update() is False
         ready = client.get("/readyz").json()
         assert ready["version"] == "2" and ready["failed_version"] == "3"
-        assert "unreadable" in ready["reload_error"]
+        assert ready["reload"] == "failed" and "unreadable" not in str(ready)  # state only; the log has why
         assert _post(client, *smear).json()["model"]["version"] == "2"
         loads = src.loads
         holder.check_for_update()
         assert src.loads == loads  # a version that failed is not retried until the alias moves again
         src.alias = "1"
         holder.check_for_update()
-        assert client.get("/readyz").json()["reload_error"] is None
+        assert client.get("/readyz").json()["reload"] == "ok"
 
 
 def test_poller_picks_up_a_new_champion_without_restart(unit_settings, smear) -> None:
@@ -257,7 +263,8 @@ def test_poller_picks_up_a_new_champion_without_restart(unit_settings, smear) ->
 
 
 def test_serving_refuses_to_start_without_its_token_naming_the_variable(unit_settings, source) -> None:
-    no_token = with_serving(unit_settings, token=None).model_copy(update={"profile": "prod"})
+    real_keys = {"s3_access_key": SecretStr("AKIAIOSFODNN7EXAMPLE"), "s3_secret_key": SecretStr("s" * 40)}
+    no_token = with_serving(unit_settings, token=None).model_copy(update={"profile": "prod", **real_keys})
     with pytest.raises(SettingsError, match="LEUKOPS_SERVING__TOKEN"):
         create_app(no_token, source, log_requests=False)
 
@@ -266,7 +273,7 @@ def test_no_champion_means_not_ready_and_503(unit_settings, smear) -> None:
     src = AliasSource()
     with TestClient(create_app(unit_settings, src, log_requests=False)) as client:
         ready = client.get("/readyz")
-        assert ready.status_code == 503 and "no @champion" in ready.json()["reload_error"]
+        assert ready.status_code == 503 and ready.json()["reload"] == "failed"
         response = _post(client, *smear)
         assert response.status_code == 503 and "no version" in response.json()["detail"]
         assert client.get("/healthz").status_code == 200
@@ -325,3 +332,11 @@ def test_request_log_rows_follow_the_drift_contract() -> None:
     parts = rows_by_date(rows)
     assert list(parts) == ["2026-03-01", "2026-03-02"] and len(parts["2026-03-02"]) == 2
     assert request_log_part_key("2026-03-02", "abc") == "serving/requests/date=2026-03-02/part-abc.parquet"
+
+
+def test_greyscale_and_rgba_uploads_are_converted_with_a_note(client, smear) -> None:
+    grey = cv2.imencode(".png", np.full((96, 96), 120, np.uint8))[1].tobytes()
+    rgba = cv2.imencode(".png", np.full((96, 96, 4), 120, np.uint8))[1].tobytes()
+    assert _post(client, "grey.png", grey).json()["notes"] == ["converted from greyscale (1 channel) to RGB"]
+    assert _post(client, "rgba.png", rgba).json()["notes"] == ["converted from RGBA (4 channels) to RGB"]
+    assert _post(client, *smear).json()["notes"] == []
