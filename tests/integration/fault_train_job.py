@@ -41,7 +41,7 @@ def main(checkpoint: Path, out: Path) -> None:
     figures = {
         "resumed_from_epoch": result.resumed_from_epoch,
         "epochs": [r.epoch for r in result.history],
-        "val_loss": result.history[-1].val_loss,
+        "val_losses": [r.val_loss for r in result.history],
         "val_macro_f1": result.history[-1].val_macro_f1,
         "best_val_f1": result.best_val_f1,
     }

