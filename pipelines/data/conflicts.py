@@ -37,7 +37,8 @@ def row_id(source: str, batch_id: str, row: Any) -> str:
 
 def conflict_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows with a label conflict, once each (a released batch has a held and a published copy)."""
-    found = rows[rows["label_conflict"].map(lambda v: isinstance(v, str) and bool(v))]
+    # a bool mask, even when ``rows`` is empty (an empty object Series would select columns, not rows)
+    found = rows.loc[rows["label_conflict"].map(lambda v: isinstance(v, str) and bool(v)).astype(bool)]
     return found.drop_duplicates(["source", "batch_id", "row"])
 
 

@@ -78,3 +78,11 @@ def test_a_resolution_needs_a_reason_and_a_class_of_the_images_sources() -> None
         make_resolution(A, "Pro", " ", actor="ana", at="2026-12-01T10:00:00", status=status, classes={"Pro"})
     with pytest.raises(ConflictError, match="'Lymph' is not a class"):
         make_resolution(A, "Lymph", "why", actor="ana", at="2026-12-01T10:00:00", status=status, classes={"Pro"})
+
+
+def test_no_manifests_at_all_means_no_conflicts():
+    """The first nightly run of a fresh install snapshots a store without one manifest."""
+    from pipelines.data.conflicts import conflict_status
+    from pipelines.data.manifests import manifest_frame
+
+    assert conflict_status(manifest_frame([]), {}) == {}
