@@ -10,6 +10,9 @@ journaled (``layout.promotion_journal_key``):
    entry's id in it);
 3. the audit tag is read back (written now if the registry could not) and the entry is marked ``done``.
 
+A move that fails and whose restore put every alias back is marked ``undone`` at once (the caller saw the
+failure and may retry).
+
 An entry still ``moving`` is unfinished. The next promote, approve or rollback of that task, and
 ``leukops fsck --repair``, finish it first: when every version it names is still READY the aliases are
 moved on to the intended ones (the target was gated and attested before its entry was written; serving
@@ -54,6 +57,7 @@ class Entry:
     started: str
     finished: str | None = None
     finished_by: str | None = None
+    ended: dict[str, str] | None = None  # the aliases it ended with (``after`` when DONE)
 
     @property
     def key(self) -> str:
@@ -161,8 +165,9 @@ def _audited(registry: Registry, entry: Entry, aliases: dict[str, str]) -> bool:
     )
 
 
-def _close(store: ObjectStore, entry: Entry, state: str, by: str) -> Entry:
-    closed = replace(entry, state=state, finished=datetime.now(UTC).isoformat(timespec="seconds"), finished_by=by)
+def _close(store: ObjectStore, entry: Entry, state: str, by: str, ended: dict[str, str]) -> Entry:
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    closed = replace(entry, state=state, finished=finished, finished_by=by, ended=ended)
     store.put_json(closed.key, closed.to_json())
     return closed
 
@@ -179,7 +184,7 @@ def finish(registry: Registry, store: ObjectStore, entry: Entry, by: str) -> Ent
         registry.move_aliases(entry.task, moves_towards(current, target), audit)
     if not _audited(registry, entry, target):
         registry.write_audit(entry.task, entry.before, target, audit)
-    return _close(store, entry, state, by)
+    return _close(store, entry, state, by, target)
 
 
 def finish_unfinished(registry: Registry, store: ObjectStore, task: str, by: str) -> list[Entry]:
@@ -192,7 +197,7 @@ def repair(registry: Registry, store: ObjectStore, by: str = "fsck --repair") ->
     repaired = []
     for entry in unfinished(store, model_of=registry.model_name):
         closed = finish(registry, store, entry, by)
-        repaired.append({"key": closed.key, "task": closed.task, "state": closed.state, "aliases": closed.after})
+        repaired.append({"key": closed.key, "task": closed.task, "state": closed.state, "aliases": closed.ended})
     return repaired
 
 
@@ -211,14 +216,25 @@ def journaled_move(
     try:
         after = registry.move_aliases(task, moves, audit | {"journal": entry.entry_id})
     except RegistryError as err:
+        if _restored(registry, entry):  # nothing is half moved: the caller retries knowing it failed
+            _close(store, entry, UNDONE, audit.get("action", "move"), entry.before)
+            raise
         raise RegistryError(
             f"{err}; promotion journal entry {entry.key} is unfinished: the next promote, approve, rollback "
             "or `leukops fsck --repair` ends it"
         ) from err
     if not _audited(registry, entry, after):  # the registry logged a failed audit tag: the move still needs it
         registry.write_audit(task, entry.before, after, audit | {"journal": entry.entry_id})
-    _close(store, entry, DONE, by=audit.get("action", "move"))
+    _close(store, entry, DONE, audit.get("action", "move"), after)
     return after
+
+
+def _restored(registry: Registry, entry: Entry) -> bool:
+    """Whether the registry's own restore after a failed move put every alias back (False: unreadable)."""
+    try:
+        return registry.aliases(entry.task) == entry.before
+    except RegistryError:
+        return False
 
 
 def _json_bytes(entry: Entry) -> bytes:

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli.fsck import report
+from pipelines.data.ingest import ingest_source
 from pipelines.data.manifests import all_manifests
+from pipelines.data.sources import load_source
 from pipelines.devstack.mlflow_server import MlflowServer
 from pipelines.devstack.processes import ProcessDir, port_is_free
 from pipelines.devstack.seaweedfs import SeaweedFS, seaweed_ports
@@ -143,8 +145,8 @@ def test_s3_killed_mid_ingest_then_restarted_the_rerun_completes_nothing_lost_fs
     assert first.returncode != 0, f"the ingest finished before the kill: {out[-500:]}"
 
     _start(processes, server)  # the same data dir: what was acknowledged is there
-    code, rerun = _leukops(env, "ingest", name, "--date", "2026-12-01", "--workers", "2")
-    assert code == 0 and rerun["status"] == "accepted", rerun
+    rerun = ingest_source(load_source(name, private), private, bucket, run_date="2026-12-01", workers=2).to_dict()
+    assert rerun["status"] == "accepted", rerun
     accepted = all_manifests(bucket).query("status == 'accepted'")["sha256"].nunique()
     assert len(bucket.list(f"{layout.RAW_SHARDS}/")) == accepted == rerun["accepted"] > 0
     healthy = report(bucket)
@@ -185,8 +187,7 @@ def test_mlflow_killed_between_alias_moves_ends_all_new_after_fsck_repair(
         "LEUKOPS_MLFLOW_TRACKING_URI": shared.mlflow_tracking_uri,
         "LEUKOPS_REGISTERED_MODEL_PREFIX": shared.registered_model_prefix,
     }
-    code, checked = _leukops(env, "fsck")
-    assert code == 1 and entry.key in {p["key"] for p in checked["problems"] if p["kind"] == UNFINISHED_PROMOTION}
+    assert entry.key in {p["key"] for p in report(store)["problems"] if p["kind"] == UNFINISHED_PROMOTION}
     code, repaired = _leukops(env, "fsck", "--repair")
     assert {"key": entry.key, "task": TASK, "state": DONE, "aliases": {"champion": "2", "previous": "1"}} in (
         repaired["repaired"]

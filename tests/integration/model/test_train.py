@@ -22,6 +22,7 @@ from pipelines.data.sources import Source, default_label_map, load_source, save_
 from pipelines.io.registry import Registry
 from pipelines.model.bundle import load_model
 from pipelines.model.candidate import CandidateSummary, finished_candidate
+from tests.integration.signing import attest_version
 
 TASK = "all_subtypes"
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
@@ -146,13 +147,16 @@ def test_evaluate_on_a_holdout_source_and_refuse_a_source_of_another_task(
     assert 0.0 <= result["macro_f1"] <= 1.0 and set(result["per_class"]) == set(CLASSES)
     registry = Registry.from_settings(settings)
     version = registry.register(TASK, registry.read_run(trained.run_id), {}, "evaluate test").version
+    attest_version(settings, registry, TASK, version, trained.run_id, "evaluate test")  # aliases need a signature
     mlflow.MlflowClient(settings.mlflow_tracking_uri).set_registered_model_alias(
         settings.registered_model_name(TASK), "champion", version
     )
     code = main(["evaluate", "--model", "champion", "--source", "taleqani-holdout", "--json"])
     assert code == 0, capsys.readouterr().err
     by_alias = json.loads(capsys.readouterr().out)
-    assert by_alias["model_uri"] == f"models:/{settings.registered_model_name(TASK)}@champion"
+    # @champion is verified first, then the verified version's run is what is evaluated
+    assert by_alias["model_uri"] == f"runs:/{trained.run_id}/model"
+    assert by_alias["attestation"]["valid"] is True and by_alias["attestation"]["version"] == version
     assert by_alias["run_id"] == trained.run_id and by_alias["macro_f1"] == pytest.approx(result["macro_f1"])
     binary_map = {"Benign": "Healthy", "Early": "ALL", "Pre": "ALL", "Pro": "ALL"}
     binary = _copy_images(shared_data, tmp_path / "b", 2, 390)

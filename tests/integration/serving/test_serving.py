@@ -30,11 +30,11 @@ from pipelines.core.taxonomy import get_task
 from pipelines.data.ingest import ingest_source
 from pipelines.data.snapshot import take_snapshot
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
-from pipelines.io.layout import GATE_REPORT_JSON, SERVING_REQUESTS
+from pipelines.io.layout import SERVING_REQUESTS
 from pipelines.io.registry import Registry
-from pipelines.trust.attestation import attest
 from serving.app import create_app
 from serving.requestlog import CONTRACT_COLUMNS
+from tests.integration.signing import attest_version
 
 TASK = "all_subtypes"
 CLASSES = list(get_task(TASK).classes)
@@ -54,9 +54,7 @@ def _ingest_taleqani(settings, store, shared_data: Path, root: Path) -> None:
 
 def _attest(settings, registry: Registry, version: str, run_id: str) -> None:
     """Sign ``version`` as promotion does; the gate itself is tested in tests/integration/trust."""
-    report = {"passed": True, "dataset_version": "serving-test", "thresholds": {}}
-    registry.log_text(run_id, json.dumps(report), GATE_REPORT_JSON)
-    attest(registry, settings, TASK, version, "promote", "serving test", "tests/integration/test_serving.py")
+    attest_version(settings, registry, TASK, version, run_id, "serving test")
 
 
 def _log_untrained_version(settings, registry: Registry) -> str:
@@ -212,7 +210,6 @@ def test_request_log_lands_in_s3_and_the_drift_side_reads_it(client, serve_setti
 def test_drift_cli_reads_the_serving_log_against_the_champion(
     client, serve_settings, store, smears, monkeypatch, capsys
 ) -> None:
-    import json
 
     from pipelines.cli import main
     from pipelines.core.settings import get_settings

@@ -45,11 +45,15 @@ class FlakyRegistry:
         self._aliases = dict(aliases)
         self.versions = {v: Version() for v in versions}
         self.calls_left: int | None = None
+        self.transient = False
+        self.dead = False
         self.audit_fails = False
 
     def _call(self) -> None:
         if self.calls_left is not None:
             if self.calls_left <= 0:
+                self.dead = not self.transient  # a transient failure: back at the very next call
+                self.calls_left = 0 if self.dead else None
                 raise RegistryError("MLflow at http://127.0.0.1:1: connection refused")
             self.calls_left -= 1
 
@@ -57,6 +61,8 @@ class FlakyRegistry:
         return f"leukops-{task}"
 
     def aliases(self, task: str) -> dict[str, str]:
+        if self.dead:
+            raise RegistryError("MLflow at http://127.0.0.1:1: connection refused")
         return dict(self._aliases)
 
     def version(self, task: str, version: str) -> Version:
@@ -93,7 +99,7 @@ class FlakyRegistry:
             self.versions[version].audit.append({**audit, "before": before, "after": after})
 
     def revive(self) -> None:
-        self.calls_left = None
+        self.calls_left, self.dead = None, False
 
 
 PROMOTE = [("previous", "1"), ("champion", "2")]
@@ -127,7 +133,7 @@ def test_a_move_killed_part_way_stays_unfinished_and_repair_ends_it_all_new(call
     registry.calls_left = calls  # the server dies after this many alias calls; its restore fails too
     with pytest.raises(RegistryError, match="journal entry .* is unfinished"):
         journaled_move(registry, store, TASK, moves, AUDIT)
-    half = registry.aliases(TASK)
+    half = registry._aliases
     if calls == 1 and moves is ROLLBACK:
         assert half["champion"] == half["previous"]  # the very state the journal exists for
     (open_entry,) = unfinished(store, TASK)
@@ -162,7 +168,7 @@ def test_a_half_move_towards_a_deleted_version_is_undone_to_before() -> None:
     registry.revive()
     del registry.versions["2"]
     (entry,) = finish_unfinished(registry, store, TASK, by="fsck --repair")
-    assert entry.state == UNDONE and registry.aliases(TASK) == {"champion": "1"}
+    assert entry.state == UNDONE and registry.aliases(TASK) == entry.ended == {"champion": "1"}
     assert registry.versions["1"].audit[-1]["action"] == "undo promote"
 
 
@@ -178,3 +184,13 @@ def test_an_entry_is_unfinished_until_closed_and_other_tasks_are_untouched() -> 
 def test_moves_towards_names_only_the_aliases_that_differ() -> None:
     assert moves_towards({"champion": "1", "previous": "1"}, {"champion": "1", "previous": "2"}) == [("previous", "2")]
     assert moves_towards({"champion": "2", "challenger": "2"}, {"champion": "2"}) == [("challenger", None)]
+
+
+def test_a_failed_move_the_registry_restored_is_undone_at_once_and_can_be_retried() -> None:
+    store, registry = MemoryBucket(), FlakyRegistry({"champion": "1"})
+    registry.calls_left, registry.transient = 1, True  # the second alias call fails; the restore works
+    with pytest.raises(RegistryError, match="restored") as failed:
+        journaled_move(registry, store, TASK, PROMOTE, AUDIT)
+    assert "unfinished" not in str(failed.value) and registry.aliases(TASK) == {"champion": "1"}
+    assert [(e.state, e.ended) for e in entries(store, TASK)] == [(UNDONE, {"champion": "1"})]
+    assert journaled_move(registry, store, TASK, PROMOTE, AUDIT) == {"champion": "2", "previous": "1"}
