@@ -24,6 +24,10 @@ from pipelines.io.storage import ObjectStore, StorageError
 
 READY_TIMEOUT_S = 60.0
 VOLUME_SIZE_LIMIT_MB = 256
+# A fixed volume count: weed's default (0) sizes it as free disk / volume size, so a fuller disk leaves
+# too few slots and PUTs to a new bucket fail with 500s. One volume per new bucket, not weed's seven.
+MAX_VOLUMES = 400
+VOLUMES_PER_NEW_BUCKET = "1"
 HEALTH_BUCKET = "leukops-health"  # the health probe's own bucket (unversioned, no data)
 
 
@@ -79,7 +83,7 @@ class SeaweedFS:
             "-master.telemetry=false",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume.grpc']}",
-            "-volume.max=0",
+            f"-volume.max={MAX_VOLUMES}",
             "-volume.preStopSeconds=0",  # the 10 s default only drains a load balancer we don't have
             "-filer",
             f"-filer.port={p['filer']}",
@@ -93,7 +97,7 @@ class SeaweedFS:
         ]
 
     def env(self) -> dict[str, str]:
-        return os.environ.copy()
+        return os.environ | {"WEED_MASTER_VOLUME_GROWTH_COPY_1": VOLUMES_PER_NEW_BUCKET}
 
     def _store(self, bucket: str) -> ObjectStore:
         """A client that fails at once (no retries): readiness polling does the retrying."""

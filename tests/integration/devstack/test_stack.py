@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,8 @@ import pytest
 
 from pipelines.core.settings import Settings
 from pipelines.devstack import postgres
-from pipelines.devstack.processes import StackError
+from pipelines.devstack.processes import StackError, port_of
+from pipelines.devstack.seaweedfs import MAX_VOLUMES, seaweed_ports
 from pipelines.devstack.stack import LocalStack
 from pipelines.io import layout
 from pipelines.io.mlflow_access import login
@@ -99,6 +101,21 @@ def test_raw_objects_cannot_be_deleted(store):
     with pytest.raises(Exception, match="immutable"):
         store.delete(key)
     assert store.exists(key)
+
+
+def test_volume_slots_do_not_shrink_with_free_disk_and_a_new_bucket_takes_one(stack, settings):
+    master = seaweed_ports(port_of(settings.s3_endpoint))["master"]
+
+    def topology() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{master}/dir/status", timeout=10) as response:
+            return json.loads(response.read())["Topology"]
+
+    before = topology()["Free"]
+    store = ObjectStore.from_settings(settings, bucket=f"leukops-slots-{os.getpid()}")
+    store.ensure_bucket()
+    store.put_bytes("probe.txt", b"one volume")
+    assert topology()["Max"] == MAX_VOLUMES  # weed's default sizes this from free disk (CI ran out)
+    assert before - topology()["Free"] == 1
 
 
 def test_mlflow_artifact_lands_in_the_s3_bucket(stack, settings, tmp_path):
