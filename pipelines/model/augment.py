@@ -25,7 +25,9 @@ from pipelines.core.errors import LeukopsError
 
 AUGMENTATIONS = ("none", "mixup", "cutmix", "augmix", "randaug")
 LABEL_SMOOTHING = 0.1
-RANDAUG_CONFIG = "rand-m9-mstd0.5-inc1"  # timm's ImageNet recipe: magnitude 9 ± 0.5, increasing severity
+# timm's ImageNet recipe (magnitude 9 ± 0.5, increasing severity), clipped at 9: at magnitude 10 timm's
+# increasing posterize keeps 0 bits, which Pillow >= 10 refuses (a random crash of the loader worker).
+RANDAUG_CONFIG = "rand-m9-mstd0.5-mmax9-inc1"
 AUGMIX_CONFIG = "augmix-m3-w3"  # magnitude 3, width 3 (the AugMix paper's defaults)
 
 

@@ -92,6 +92,15 @@ def test_pil_augmentations_change_pixels_and_keep_the_size(name: str, smear: np.
     assert any(not np.array_equal(np.asarray(out), np.asarray(image)) for out in outputs)
 
 
+def test_every_randaug_op_works_at_its_largest_magnitude(smear: np.ndarray) -> None:
+    randaug = build_augmentation("randaug", NUM_CLASSES, SIZE).pil_transform
+    image = Image.fromarray(smear).resize((SIZE, SIZE))
+    for op in randaug.ops:
+        op.prob, op.magnitude_std = 1.0, 0.0
+        op.magnitude = op.magnitude_max or 10  # the clip bound a gaussian draw can reach
+        assert op(image).size == image.size, op.name
+
+
 def test_none_and_unknown() -> None:
     none = build_augmentation("none", NUM_CLASSES, SIZE)
     assert none.pil_transform is None and none.batch_mixer is None and not none.soft_targets
