@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "explain",
     "keys",
     "fsck",
+    "suggest",
 )
 
 

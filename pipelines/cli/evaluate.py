@@ -46,7 +46,7 @@ def _evaluate(args: argparse.Namespace) -> Output:
         f"  {name:<14} recall {m['recall']:.3f}  precision {m['precision']:.3f}  n={m['support']}"
         for name, m in result["per_class"].items()
     )
-    absent = f"\nabsent classes: {', '.join(result['absent_classes'])}" if result["absent_classes"] else ""
+    absent = f"\n{result['scoring']}" if result["scoring"] else ""  # a source labelling a subset of the classes
     low, high = result["f1_ci"]
     tta = f", TTA {'+'.join(result['tta'])}" if result["tta"] else ""
     text = (

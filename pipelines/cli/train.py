@@ -36,6 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, help="peak learning rate" + SETTING.format("lr"))
     train.add_argument("--patience", type=int, help="early-stopping patience in epochs" + SETTING.format("patience"))
     train.add_argument("--mask-corner", action="store_true", help="mask the bottom-right label region")
+    train.add_argument(
+        "--stain-augment",
+        choices=("none", "hed"),
+        help="HED stain jitter in training" + SETTING.format("stain_augment"),
+    )
+    train.add_argument(
+        "--stain-strength", type=float, help="HED jitter sigma (optical density)" + SETTING.format("stain_strength")
+    )
+    train.add_argument(
+        "--stain-normalize",
+        choices=("none", "macenko", "reinhard"),
+        help="stain normaliser fitted on the training split, saved with the model" + SETTING.format("stain_normalize"),
+    )
     train.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
 
 
@@ -64,6 +77,11 @@ def _train(args: argparse.Namespace) -> Output:
         batch_size=args.batch_size,
         mask_corner=args.mask_corner,
         device=args.device,
+        stain={
+            "stain_augment": args.stain_augment,
+            "stain_strength": args.stain_strength,
+            "stain_normalize": args.stain_normalize,
+        },
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,

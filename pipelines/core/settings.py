@@ -96,6 +96,9 @@ class GateThresholds(BaseModel):
     shortcut_flip_rate_max: float = 0.10  # ceiling on the one-sided upper bound of the flip rate
     lime_agreement_min: float | None = None
     holdout_macro_f1_min: float | None = None  # set: floor on every holdout source's macro-F1 lower bound
+    # per site (source) of the test split, sites with >= min_check_images images (pipelines.trust.sites):
+    site_macro_f1_min: float | None = None  # floor on each site's macro-F1 lower bound; unset: the task's floor
+    site_non_inferiority_margin: float | None = None  # per-site paired margin; unset: non_inferiority_margin
     min_check_images: int = 30  # a check resting on fewer images is "insufficient evidence" and fails
     confidence: float = 0.95  # one-sided confidence of every bound the gate judges
     bootstrap_resamples: int = 2000  # paired bootstrap of the macro-F1 (difference), fixed seed
@@ -154,6 +157,12 @@ class RetrainConfig(BaseModel):
     patience: int = 10
     seed: int = 0
     tta: list[str] = Field(default_factory=list)  # evaluation views besides the identity: hflip, vflip
+    # stain robustness (pipelines.model.stain): HED jitter in training ("none" | "hed", σ in optical density)
+    # and a normaliser fitted on a fixed sample of the training split ("none" | "macenko" | "reinhard")
+    stain_augment: str = "none"
+    stain_strength: float = 0.1
+    stain_normalize: str = "none"
+    stain_reference_images: int = 32
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1

@@ -9,7 +9,8 @@ Every file a source holds becomes one entry, so a batch counts what it did not t
 open a file outside the source's location: a manifest path such as ``../x.jpg`` (or a symlink leading
 out of the folder) is listed with a ``path_error``; a file the listing already refuses (hidden,
 top-level, a name that is not UTF-8, a folder that cannot be listed) with ``not_read``. A local read
-opens only regular files no larger than ``max_file_bytes``, both checked by ``stat`` before opening.
+opens only regular files no larger than ``max_file_bytes``, both checked by ``stat`` before opening; an
+S3 read checks the object's size with a HEAD before its GET.
 """
 
 from __future__ import annotations
@@ -344,8 +345,7 @@ class LocalReader:
         path = os.path.join(self.root, rel)
         info = os.stat(path)  # follows a symlink (list_files refused those leading out); opens nothing
         refuse_special(info)
-        if info.st_size > self.max_file_bytes:
-            raise SourceError(f"larger than max_file_bytes ({info.st_size} bytes > {self.max_file_bytes})")
+        refuse_oversized(info.st_size, self.max_file_bytes)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO swapped in since cannot block
         with os.fdopen(fd, "rb") as file:
             refuse_special(os.fstat(fd))
@@ -378,11 +378,18 @@ class S3Reader:
         return False  # keys are plain names; traversal is caught by safe_relative
 
     def read(self, rel: str) -> bytes:
-        """The object's bytes, refused above max_file_bytes (checked once read: the store lists no sizes)."""
-        data = self.store.get_bytes(self.prefix + rel)
-        if len(data) > self.max_file_bytes:
-            raise SourceError(f"larger than max_file_bytes ({len(data)} bytes > {self.max_file_bytes})")
+        """The object's bytes. Refused from its HEAD, before the GET, above max_file_bytes (a landing
+        bucket's object may be larger than memory); checked again once read (it may be replaced between)."""
+        key = self.prefix + rel
+        refuse_oversized(self.store.size(key), self.max_file_bytes)
+        data = self.store.get_bytes(key)
+        refuse_oversized(len(data), self.max_file_bytes)
         return data
+
+
+def refuse_oversized(size: int, max_file_bytes: int) -> None:
+    if size > max_file_bytes:
+        raise SourceError(f"larger than max_file_bytes ({size} bytes > {max_file_bytes})")
 
 
 def reader_for(source: Source, settings: Settings) -> LocalReader | S3Reader:

@@ -26,6 +26,7 @@ Bucket layout (one data bucket)::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date
 
 # --- raw originals ----------------------------------------------------------------------------------------
@@ -194,6 +195,11 @@ def training_lease_name(run_key: str) -> str:
     return f"train/{run_key}"
 
 
+def promotion_lease_name(model: str) -> str:
+    """The lease every alias move of a registered model holds (``trust/journal``): promotions run in turn."""
+    return f"promote/{model}"
+
+
 def ticket_of_lease_key(key: str) -> int | None:
     name = key.rsplit("/", 1)[-1]
     stem = name.removesuffix(".json")
@@ -358,13 +364,30 @@ def holdout_metric(source: str, name: str) -> str:
     """Run metric of an external validation on a holdout source, e.g. ``holdout.<source>.macro_f1``;
     the gate reads ``macro_f1``, ``f1_ci_low`` and ``n_images``. ``pipelines.model.holdout`` logs those and
     ``f1_ci_high``, ``accuracy``, ``ece`` (calibrated), ``ece_uncalibrated``, ``precision_|recall_|f1_<class>``,
-    ``n_other_labels`` and ``excluded_seen_in_training``."""
+    ``n_other_labels``, ``excluded_seen_in_training``, ``n_classes_scored`` (a source may carry a subset of
+    the task's classes: macro-F1 averages over those) and ``predicted_absent``."""
     return f"holdout.{source}.{name}"
 
 
 def holdout_report_path(source: str) -> str:
     """The full external-validation report (per-class table, confusion, CI) of a run on a holdout source."""
     return f"evaluation/holdout/{source}.json"
+
+
+SITE_REPORT = "evaluation/site_report.json"  # the test split's per-source reports (per-class table, CI)
+
+
+def site_metric(source: str, name: str) -> str:
+    """Run metric of the test-split images of one source (site, lab), e.g. ``site.<source>.macro_f1``:
+    ``pipelines.model.evaluate.site_metrics`` logs ``EvalResult.to_metrics`` (macro_f1 over the classes the
+    source carries, f1_ci_low/high, accuracy, ece, n_classes_scored, predicted_absent, ...) and ``n_images``."""
+    return f"site.{source}.{name}"
+
+
+def metric_sources(metric_names: Iterable[str], family: str) -> list[str]:
+    """The sources with a ``<family>.<source>.n_images`` run metric (family ``site`` or ``holdout``), sorted."""
+    head, tail = f"{family}.", ".n_images"
+    return sorted(n[len(head) : -len(tail)] for n in metric_names if n.startswith(head) and n.endswith(tail))
 
 
 def run_model_uri(run_id: str) -> str:

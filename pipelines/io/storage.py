@@ -263,6 +263,10 @@ class ObjectStore:
             return False
         return True
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes from a HEAD (nothing is read): a size cap checked before the GET."""
+        return self._call("stat", key, lambda: self.client.stat_object(self.bucket, key)).size
+
     def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
         """Object keys under ``prefix``, sorted."""
         return sorted(self.iter_keys(prefix, recursive))

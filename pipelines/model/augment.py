@@ -1,8 +1,8 @@
 """The paper's augmentations, built from timm's implementations and configured once.
 
 `build_augmentation(name, num_classes, image_size)` returns an `Augmentation`:
-- `pil_transform`: per-image PIL → PIL callable (RandAugment, AugMix) for `preprocess.build_transform`,
-  or None;
+- `pil_transform`: per-image PIL → PIL callable (RandAugment, AugMix; the stain jitter
+  `pipelines.model.stain.HedJitter` first when ``stain="hed"``) for `preprocess.build_transform`, or None;
 - `batch_mixer`: `(images, labels) -> (images, soft_targets)` on a batch (Mixup, CutMix), or None; its
   soft targets already carry the label smoothing, so the training loss (`train.default_criterion`) adds
   none on top of them.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from timm.data.mixup import mixup_target
 from timm.data.transforms import str_to_pil_interp
 
 from pipelines.core.errors import LeukopsError
+from pipelines.model.stain import DEFAULT_STAIN_STRENGTH, StainError, stain_augmentation
 
 AUGMENTATIONS = ("none", "mixup", "cutmix", "augmix", "randaug")
 LABEL_SMOOTHING = 0.1
@@ -63,10 +65,22 @@ BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 
 
 @dataclass(frozen=True)
+class Chain:
+    """Two PIL transforms one after the other (picklable, for DataLoader workers)."""
+
+    first: Callable[[Image.Image], Image.Image]
+    then: Callable[[Image.Image], Image.Image]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return self.then(self.first(image))
+
+
+@dataclass(frozen=True)
 class Augmentation:
     name: str
     pil_transform: Callable[[Image.Image], Image.Image] | None
     batch_mixer: BatchMixer | None
+    stain: str = "none"  # the stain jitter inside pil_transform (pipelines.model.stain.STAIN_AUGMENTATIONS)
 
     @property
     def soft_targets(self) -> bool:
@@ -79,6 +93,29 @@ def build_augmentation(
     num_classes: int,
     image_size: int,
     *,
+    stain: str = "none",
+    stain_strength: float = DEFAULT_STAIN_STRENGTH,
+    **options: Any,
+) -> Augmentation:
+    """The augmentation `name` (one of AUGMENTATIONS) for `num_classes` classes at `image_size` px, after
+    the stain jitter `stain` of strength `stain_strength` (`pipelines.model.stain`); `options` are
+    `_named_augmentation`'s."""
+    try:
+        jitter = stain_augmentation(stain, stain_strength)
+    except StainError as error:
+        raise AugmentationError(str(error)) from None
+    augmentation = _named_augmentation(name, num_classes, image_size, **options)
+    if jitter is None:
+        return augmentation
+    pil = jitter if augmentation.pil_transform is None else Chain(jitter, augmentation.pil_transform)
+    return Augmentation(augmentation.name, pil, augmentation.batch_mixer, stain)
+
+
+def _named_augmentation(
+    name: str,
+    num_classes: int,
+    image_size: int,
+    *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     interpolation: str = "bilinear",
     label_smoothing: float = LABEL_SMOOTHING,
@@ -87,10 +124,7 @@ def build_augmentation(
     randaug_config: str = RANDAUG_CONFIG,
     augmix_config: str = AUGMIX_CONFIG,
 ) -> Augmentation:
-    """The augmentation `name` (one of AUGMENTATIONS) for `num_classes` classes at `image_size` px.
-
-    `mean` (the model's normalisation mean) is the fill colour of geometric ops; `interpolation` theirs.
-    """
+    """`mean` (the model's normalisation mean) is the fill colour of geometric ops; `interpolation` theirs."""
     if name not in AUGMENTATIONS:
         raise AugmentationError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if num_classes < 2:

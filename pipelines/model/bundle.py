@@ -2,10 +2,12 @@
 
 A bundle is a folder of two files, like a MONAI bundle's ``metadata.json`` next to its weights:
 ``bundle.json`` (a serialised `ModelBundle`: task, classes, the backbone's architecture facts, the full
-preprocessing dict and the inference settings: calibration temperature and test-time augmentation) and
-``weights.pt`` (the state dict). Every forward pass of a loaded model goes through
-`pipelines.model.predict.predict` with the bundle's `InferenceConfig`; bundles written before format 3
-have no inference settings and load with T = 1 and no TTA. `read_bundle` rebuilds the real timm module
+preprocessing dict (with the fitted stain normaliser, `pipelines.model.stain`, when the model was trained
+with one: `prepare_image` applies it, so every consumer of `LoadedModel.batch` does) and the inference
+settings: calibration temperature and test-time augmentation) and ``weights.pt`` (the state dict). Every
+forward pass of a loaded model goes through `pipelines.model.predict.predict` with the bundle's
+`InferenceConfig`; bundles written before format 3 have no inference settings and load with T = 1 and no
+TTA; before format 4, no stain normaliser. `read_bundle` rebuilds the real timm module
 through `pipelines.model.backbones.create_backbone` (named layers intact for Grad-CAM), unlike MLflow 3's
 default pytorch ``pt2`` export, which loads back as a layer-less GraphModule.
 
@@ -32,10 +34,12 @@ from pipelines.core.settings import Settings, get_settings
 from pipelines.io import tracking
 from pipelines.model.backbones import DEFAULT_DROP_RATE, DEFAULT_HEAD_HIDDEN, Backbone, create_backbone
 from pipelines.model.predict import InferenceConfig, Outputs, predict
-from pipelines.model.preprocess import to_tensor_batch
+from pipelines.model.preprocess import stain_normalizer_of, to_tensor_batch
+from pipelines.model.stain import StainError, StainNormalizer
 
-BUNDLE_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)  # 1: nested backbone config; 2: flat, no inference settings (T = 1, no TTA)
+# 4: the preprocessing may carry a stain normaliser (a format-3 reader would silently skip it, so it refuses)
+BUNDLE_FORMAT = 4
+READABLE_FORMATS = (1, 2, 3, 4)  # 1: nested backbone config; 2: flat, no inference settings (T = 1, no TTA)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.pt"
 # mlflow.pyfunc.save_model copies the artifacts it is given (our two files) into this folder of the model
@@ -101,6 +105,15 @@ class ModelBundle:
 
     def __post_init__(self) -> None:
         InferenceConfig(self.temperature, self.tta)  # refuses a bad temperature or TTA name (InferenceError)
+        try:  # a malformed saved normaliser is refused when the bundle is read, not on every image
+            stain_normalizer_of(self.preprocessing)
+        except StainError as error:
+            raise BundleError(f"bundle preprocessing: {error}") from None
+
+    @property
+    def stain_normalizer(self) -> StainNormalizer | None:
+        """The fitted stain normaliser the preprocessing applies, or None."""
+        return stain_normalizer_of(self.preprocessing)
 
     @property
     def inference(self) -> InferenceConfig:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipelines.core.errors import LeukopsError
 from pipelines.core.taxonomy import get_task
 from pipelines.data.datasets import (
     ImageFileDataset,
@@ -40,6 +39,7 @@ from pipelines.model.train import (
     TrainConfig,
     fit,
 )
+from pipelines.model.training_request import TrainingInputError, check_request
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,6 +64,10 @@ class CandidateSpec:
     mask_corner: bool = False
     device: str | None = None
     tta: tuple[str, ...] = ()  # flip views averaged with the identity at evaluation (pipelines.model.predict)
+    stain_augment: str = "none"  # HED jitter in training (pipelines.model.stain)
+    stain_strength: float = 0.1
+    stain_normalize: str = "none"  # a normaliser fitted on the train split, saved in the preprocessing
+    stain_reference_images: int = 32
 
 
 def train_config(retrain: RetrainConfig, **overrides: Any) -> TrainConfig:
@@ -173,13 +177,19 @@ def build_run(
     ``label`` and a ``split``); no S3, no MLflow: the benchmark calls it on a folder's images."""
     from pipelines.model.augment import build_augmentation
     from pipelines.model.backbones import create_backbone
-    from pipelines.model.preprocess import preprocessing_from
+    from pipelines.model.preprocess import preprocessing_from, with_stain_normalizer
 
     check_request(spec, config)
     classes = get_task(spec.task).classes
     seed_everything(config.seed)
     backbone = create_backbone(spec.backbone, len(classes), pretrained=True, image_size=spec.image_size)
-    preprocessing = preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner)
+    preprocessing = with_stain_normalizer(
+        preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner),
+        spec.stain_normalize,
+        list(split_rows(frame, "train")["path"]),
+        spec.stain_reference_images,
+        config.seed,
+    )
     augmentation = build_augmentation(
         spec.augment,
         len(classes),
@@ -187,6 +197,8 @@ def build_run(
         mean=preprocessing["mean"],
         interpolation=preprocessing["interpolation"],
         label_smoothing=config.label_smoothing,
+        stain=spec.stain_augment,
+        stain_strength=spec.stain_strength,
     )
     return PreparedRun(
         spec=spec,
@@ -280,11 +292,12 @@ class _EpochCurves:
         self.tracker.log_metrics({f"epoch/{k}": float(values[k]) for k in EPOCH_CURVES}, step=record.epoch)
 
 
-def _log_test_evaluation(tracker: tracking.TrainingTracker, result: EvalResult) -> None:
-    from pipelines.model.evaluate import confusion_matrix_figure
+def _log_test_evaluation(tracker: tracking.TrainingTracker, result: EvalResult, sites: dict[str, EvalResult]) -> None:
+    from pipelines.model.evaluate import confusion_matrix_figure, site_metrics, sites_report
 
-    tracker.log_metrics(result.to_metrics("test_"))
+    tracker.log_metrics(result.to_metrics("test_") | site_metrics(sites))
     tracker.log_dict(result.to_dict(), layout.TEST_REPORT)
+    tracker.log_dict(sites_report(sites), layout.SITE_REPORT)
     tracker.log_text(result.classification_report(), layout.PER_CLASS_REPORT)
     tracker.log_figure(confusion_matrix_figure(result), layout.CONFUSION_MATRIX)
 
@@ -346,7 +359,7 @@ def train_prepared(settings: Settings, run: PreparedRun) -> CandidateSummary:
 def _train_leased(settings: Settings, run: PreparedRun, key: str) -> CandidateSummary:
     from pipelines.model.bundle import ModelBundle
     from pipelines.model.calibration import fit_calibration
-    from pipelines.model.evaluate import evaluate_logits
+    from pipelines.model.evaluate import evaluate_logits, evaluate_sites
     from pipelines.model.predict import loader_logits
     from pipelines.model.pyfunc import log_model
 
@@ -362,7 +375,9 @@ def _train_leased(settings: Settings, run: PreparedRun, key: str) -> CandidateSu
         calibration = fit_calibration(run.backbone.model, run.loaders["val"], device, run.spec.tta)
         tracker.log_metrics(calibration.to_metrics())
         labels, logits = loader_logits(run.backbone.model, run.loaders["test"], device, calibration.inference.tta)
-        _log_test_evaluation(tracker, evaluate_logits(labels, logits, list(run.classes), calibration.inference))
+        sources = split_rows(run.frame, "test").get("source")  # each test image's site, in loader order
+        sites = evaluate_sites(labels, logits, list(run.classes), calibration.inference, sources)
+        _log_test_evaluation(tracker, evaluate_logits(labels, logits, list(run.classes), calibration.inference), sites)
         tracker.log_metrics(_fit_metrics(result, run))
         tracker.set_tags(_fit_tags(result, device))
         bundle = ModelBundle.for_backbone(
@@ -371,6 +386,9 @@ def _train_leased(settings: Settings, run: PreparedRun, key: str) -> CandidateSu
         log_model(tracker, bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
     checkpoint.unlink(missing_ok=True)  # the run holds the model now; a rerun trains afresh
     return CandidateSummary.from_run(tracking.read_run(settings, tracker.run_id))
+
+
+STAIN_OPTIONS = ("stain_augment", "stain_strength", "stain_normalize", "stain_reference_images")
 
 
 def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: Any) -> CandidateSpec:
@@ -382,6 +400,7 @@ def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: 
         "max_images": retrain.max_images,
         "batch_size": retrain.batch_size,
         "tta": tuple(retrain.tta),
+        **{name: getattr(retrain, name) for name in STAIN_OPTIONS},
     }
     given = {k: v for k, v in options.items() if v is not None}
     return CandidateSpec(task, backbone, **(defaults | given))
@@ -400,13 +419,14 @@ def train_candidate(
     mask_corner: bool = False,
     device: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    stain: dict[str, Any] | None = None,
     **train_options: Any,
 ) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
     test split and log it all to MLflow; returns its summary (run_id, val_f1, test_f1, ...).
     Every option left None resolves from ``settings.retrain``; ``train_options`` are ``TrainConfig``
-    fields (epochs, lr, time_budget_min, ...); ``extra_tags`` (e.g. the Airflow run key) are set on the
-    MLflow run and are part of its run key."""
+    fields (epochs, lr, time_budget_min, ...); ``stain`` holds `STAIN_OPTIONS` values; ``extra_tags`` (e.g.
+    the Airflow run key) are set on the MLflow run and are part of its run key."""
     spec = candidate_spec(
         settings.retrain,
         task,
@@ -417,36 +437,7 @@ def train_candidate(
         batch_size=batch_size,
         mask_corner=mask_corner,
         device=device,
+        **(stain or {}),
     )
     config = train_config(settings.retrain, **train_options)
     return train_prepared(settings, prepare_run(settings, spec, config, dataset_version, extra_tags))
-
-
-class TrainingInputError(LeukopsError):
-    """A training request that cannot run (bad numbers, unknown names); the message says which value."""
-
-
-def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
-    from pipelines.model.backbones import BACKBONES
-
-    get_task(spec.task)
-    if spec.backbone not in BACKBONES:
-        raise TrainingInputError(f"unknown backbone {spec.backbone!r}; allowed: {', '.join(BACKBONES)}")
-    for name, value in (("epochs", config.epochs), ("batch_size", spec.batch_size)):
-        if value < 1:
-            raise TrainingInputError(f"{name} must be >= 1, got {value}")
-    cells = 3 * len(get_task(spec.task).classes)
-    if spec.max_images is not None and spec.max_images < cells:
-        raise TrainingInputError(
-            f"--max-images must be >= {cells} (one image per split and class of {spec.task}), got {spec.max_images}"
-        )
-    if config.time_budget_min is not None and config.time_budget_min <= 0:
-        raise TrainingInputError(f"--time-budget-min must be > 0, got {config.time_budget_min}")
-    if not config.lr > 0:
-        raise TrainingInputError(f"lr must be > 0, got {config.lr}")
-    if not 0 < config.layer_lr_floor <= 1:
-        raise TrainingInputError(f"layer_lr_floor must be in (0, 1], got {config.layer_lr_floor}")
-    if not 0 <= config.ema_decay < 1:
-        raise TrainingInputError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
-    if spec.device and spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingInputError(f"device {spec.device!r} requested but CUDA is not available here")

@@ -8,8 +8,13 @@ draws the matrix. `evaluate_model` is the thin adapter that re-evaluates a loade
 stored images, through the model's own predict function (its temperature and TTA).
 
 `macro_f1` is the one macro-F1 of leukops (training's validation, test evaluation, the shortcut test): it
-averages over the classes present in `y_true` (sklearn's macro average when every class is present);
-classes absent from the evaluated set are listed in `EvalResult.absent_classes`.
+averages over the classes present in `y_true` (sklearn's macro average when every class is present).
+A source that labels a subset of the task's classes (CellaVision: 5 of 8) is scored on the classes it has
+(`EvalResult.classes_scored`; the others are `absent_classes`), and a prediction into an absent class is
+an error (a miss of the image's true class, counted in `predicted_absent`), never left out.
+
+`evaluate_sites` evaluates each source (lab) of a split on its own: `site_metrics` names its figures
+``site.<source>.<name>`` (`pipelines.io.layout.site_metric`).
 """
 
 from __future__ import annotations
@@ -59,16 +64,23 @@ class EvalResult:
     absent_classes: tuple[str, ...] = ()
     bootstrap: int = 0
     ece_uncalibrated: float | None = None  # the same logits at temperature 1 (when evaluated from logits)
+    predicted_absent: int = 0  # predictions into an absent class: errors (misses of the true class)
+
+    @property
+    def classes_scored(self) -> tuple[str, ...]:
+        """The classes macro-F1 averages over: those the evaluated images are labelled with."""
+        return tuple(name for name in self.classes if name not in self.absent_classes)
 
     def to_metrics(self, prefix: str = "") -> dict[str, float]:
         """Flat metrics: accuracy, macro_f1, precision_/recall_/f1_<class> (present classes), the CI, ece
-        (and ece_uncalibrated when known)."""
+        (and ece_uncalibrated when known), n_classes_scored and predicted_absent."""
         metrics = {"accuracy": self.accuracy, "macro_f1": self.macro_f1}
         for name, scores in self.per_class.items():
             if name not in self.absent_classes:
                 metrics |= {f"precision_{name}": scores.precision, f"recall_{name}": scores.recall}
                 metrics[f"f1_{name}"] = scores.f1
         metrics |= {"f1_ci_low": self.f1_ci_low, "f1_ci_high": self.f1_ci_high, "ece": self.ece}
+        metrics |= {"n_classes_scored": len(self.classes_scored), "predicted_absent": self.predicted_absent}
         if self.ece_uncalibrated is not None:
             metrics["ece_uncalibrated"] = self.ece_uncalibrated
         return {f"{prefix}{key}": float(value) for key, value in metrics.items()}
@@ -79,19 +91,33 @@ class EvalResult:
         report["classes"] = list(self.classes)
         report["confusion"] = [list(row) for row in self.confusion]
         report["absent_classes"] = list(self.absent_classes)
+        report["classes_scored"] = list(self.classes_scored)
         return report
+
+    def scoring_note(self) -> str:
+        """One line on which classes were scored ('' when the images carry every class)."""
+        if not self.absent_classes:
+            return ""
+        return (
+            f"scored on the {len(self.classes_scored)} of {len(self.classes)} classes these images carry (absent: "
+            f"{', '.join(self.absent_classes)}); {self.predicted_absent} prediction(s) into absent classes "
+            "counted as errors"
+        )
 
     def classification_report(self) -> str:
         """A plain-text per-class table, like sklearn's."""
         width = max(12, *(len(c) for c in self.classes))
         lines = [f"{'class':>{width}}  precision  recall  f1-score  support"]
         for name, s in self.per_class.items():
-            lines.append(f"{name:>{width}}  {s.precision:9.3f}  {s.recall:6.3f}  {s.f1:8.3f}  {s.support:7d}")
+            absent = "  (absent: not scored)" if name in self.absent_classes else ""
+            lines.append(f"{name:>{width}}  {s.precision:9.3f}  {s.recall:6.3f}  {s.f1:8.3f}  {s.support:7d}{absent}")
         lines.append(f"{'accuracy':>{width}}  {'':9}  {'':6}  {self.accuracy:8.3f}  {self.n:7d}")
         ci = f"[{self.f1_ci_low:.3f}, {self.f1_ci_high:.3f}]"
         lines.append(f"{'macro-F1':>{width}}  {self.macro_f1:.3f}  (95% CI {ci}, {self.bootstrap} resamples)")
         before = f"  (uncalibrated {self.ece_uncalibrated:.4f})" if self.ece_uncalibrated is not None else ""
         lines.append(f"{'ECE':>{width}}  {self.ece:.4f}{before}")
+        if self.absent_classes:
+            lines.append(self.scoring_note())
         return "\n".join(lines)
 
 
@@ -138,6 +164,7 @@ def evaluate_predictions(
         f1_ci_high=high,
         absent_classes=tuple(name for name, here in zip(classes, present, strict=True) if not here),
         bootstrap=bootstrap,
+        predicted_absent=int(np.sum(~present[predicted])),
     )
 
 
@@ -158,6 +185,48 @@ def evaluate_logits(
     result = evaluate_predictions(y_true, proba, classes, bootstrap=bootstrap, seed=seed)
     truth, _ = _check_inputs(y_true, proba, tuple(classes))
     return replace(result, ece_uncalibrated=expected_calibration_error(truth, probabilities(logits)))
+
+
+def evaluate_sites(
+    y_true: Sequence[int] | Sequence[str] | np.ndarray,
+    logits: np.ndarray,
+    classes: Sequence[str],
+    inference: InferenceConfig,
+    sources: Sequence[str] | None,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, EvalResult]:
+    """`evaluate_logits` of each source's images on their own (sources sorted; {} when ``sources`` is None),
+    each scored on the classes that source carries."""
+    if sources is None:
+        return {}
+    sources = np.asarray(sources, dtype=str)
+    if len(sources) != len(logits):
+        raise EvaluationError(f"sources must name one source per image ({len(logits)}), got {len(sources)}")
+    truth = np.asarray(y_true)
+    return {
+        str(site): evaluate_logits(
+            truth[sources == site], logits[sources == site], classes, inference, bootstrap=bootstrap, seed=seed
+        )
+        for site in np.unique(sources)
+    }
+
+
+def site_metrics(sites: dict[str, EvalResult]) -> dict[str, float]:
+    """The run metrics ``site.<source>.<name>`` of `evaluate_sites` (names at `layout.site_metric`)."""
+    from pipelines.io.layout import site_metric
+
+    return {
+        site_metric(site, name): value
+        for site, result in sites.items()
+        for name, value in (result.to_metrics() | {"n_images": float(result.n)}).items()
+    }
+
+
+def sites_report(sites: dict[str, EvalResult]) -> dict[str, Any]:
+    """JSON-able per-site reports (each `EvalResult.to_dict`), by source."""
+    return {site: result.to_dict() for site, result in sites.items()}
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -6,6 +6,9 @@ images never enter a training snapshot. Two entry points:
 * `evaluate_on_source` (``leukops evaluate --model M --source S``): one model (an alias or a run id) on one
   source: macro-F1 with its bootstrap 95% CI, accuracy, per-class precision/recall, the calibrated ECE and
   the ECE the same logits had at temperature 1. Read-only.
+  A source labelling a subset of the task's classes is scored on the classes it carries
+  (``classes_scored``; ``absent_classes``); predictions into an absent class count as errors
+  (``predicted_absent``) and the ``scoring`` line says so.
 * `evaluate_run_on_holdouts` (``leukops evaluate --model RUN --all-holdouts``, the retrain DAG): one run on
   every registered holdout source of its task; the figures are logged to the run as metrics
   ``layout.holdout_metric(source, name)`` (``holdout.<source>.macro_f1``, ``.f1_ci_low``, ``.n_images``, ...:
@@ -66,6 +69,9 @@ class SourceEvaluation:
             "ece_uncalibrated": r.ece_uncalibrated,
             "recall": recall,
             "n_images": r.n,
+            "classes_scored": list(r.classes_scored),
+            "classes_absent": list(r.absent_classes),
+            "predicted_absent": r.predicted_absent,
         }
 
 
@@ -127,6 +133,9 @@ def evaluate_on_source(settings: Settings, model: str, source_name: str, *, task
         "n_other_labels": evaluation.n_other_labels,
         "excluded_seen_in_training": evaluation.excluded_seen_in_training,
         "absent_classes": list(result.absent_classes),
+        "classes_scored": list(result.classes_scored),
+        "predicted_absent": result.predicted_absent,
+        "scoring": result.scoring_note(),
     }
 
 

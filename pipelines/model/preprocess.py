@@ -3,14 +3,19 @@
 Per image: ROI crop (bounding box of the largest contour of the "not black" mask: drops black borders and
 margins, a no-op without them) → optional bottom-right corner mask (the scale-bar label of the ALL set,
 filled with the normalisation mean so it becomes 0 after normalising) → resize to the model's input size with
-its interpolation → normalise with its mean/std. Training adds flips and a PIL augmentation between the
+its interpolation → optional stain normalisation (``stain_normalizer``: a `pipelines.model.stain`
+normaliser fitted on the training split's reference images by `with_stain_normalizer`; after the resize,
+where it costs ~3 ms an image instead of ~23 ms at 360 px; the corner mask is laid again after it so the
+fill stays neutral) → normalise with its mean/std. Training adds flips and a PIL augmentation between the
 resize and the normalisation (`build_transform`); inference uses `to_tensor_batch`. Both share
 `prepare_image`, so a served model sees exactly what it was trained on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -21,6 +26,10 @@ from timm.data.transforms import str_to_pil_interp
 
 from pipelines.core.corners import CORNER_HEIGHT_SHARE, CORNER_WIDTH_SHARE
 from pipelines.core.errors import LeukopsError
+from pipelines.data.imagefacts import ImageDecodeError, decode_image
+from pipelines.model.stain import StainError, StainNormalizer, fit_normalizer, normalize_stain, reference_sample
+
+log = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = 1
 DEFAULT_ROI_THRESHOLD = 20  # grey level (0-255) under which a pixel counts as black border
@@ -29,6 +38,8 @@ DEFAULT_CORNER_BOX = (CORNER_HEIGHT_SHARE, CORNER_WIDTH_SHARE)
 MIN_ROI_AREA_FRACTION = 0.05  # a smaller "largest contour" is noise, not the field of view
 
 REQUIRED_KEYS = ("input_size", "mean", "std", "interpolation", "roi_crop", "mask_corner", "corner_box")
+
+STAIN_KEY = "stain_normalizer"  # absent or None: no stain normalisation (every model before it)
 
 PilTransform = Callable[[Image.Image], Image.Image]
 
@@ -106,7 +117,39 @@ def prepare_image(rgb: np.ndarray, preprocessing: dict[str, Any]) -> Image.Image
         rgb = mask_corner(rgb, preprocessing["corner_box"], preprocessing.get("corner_fill", (124, 116, 104)))
     _, height, width = preprocessing["input_size"]
     image = Image.fromarray(np.ascontiguousarray(rgb))
-    return image.resize((width, height), str_to_pil_interp(preprocessing["interpolation"]))
+    image = image.resize((width, height), str_to_pil_interp(preprocessing["interpolation"]))
+    normalizer = stain_normalizer_of(preprocessing)
+    if normalizer is None:
+        return image
+    normalised = normalize_stain(np.asarray(image), normalizer)
+    if preprocessing["mask_corner"]:
+        fill = preprocessing.get("corner_fill", (124, 116, 104))
+        normalised = mask_corner(normalised, preprocessing["corner_box"], fill)
+    return Image.fromarray(normalised)
+
+
+def stain_normalizer_of(preprocessing: dict[str, Any]) -> StainNormalizer | None:
+    """The stain normaliser a preprocessing dict carries, or None."""
+    raw = preprocessing.get(STAIN_KEY)
+    return StainNormalizer.from_dict(raw) if raw is not None else None
+
+
+def with_stain_normalizer(
+    preprocessing: dict[str, Any], method: str, paths: Sequence[Path], n_reference: int, seed: int
+) -> dict[str, Any]:
+    """``preprocessing`` plus the stain normaliser ``method`` fitted on a fixed sample (``n_reference``
+    images drawn with ``seed``) of ``paths``, prepared as the model sees them (ROI crop, mask, resize);
+    unchanged for ``none``. An undecodable reference file is skipped with a note naming it."""
+    if method == "none":
+        return preprocessing
+    plain = {k: v for k, v in preprocessing.items() if k != STAIN_KEY}
+    references = []
+    for path in reference_sample(paths, n_reference, seed):
+        try:
+            references.append(np.asarray(prepare_image(decode_image(Path(path).read_bytes()).rgb, plain)))
+        except (OSError, ImageDecodeError, PreprocessError) as error:
+            log.warning("stain reference %s skipped: %s", path, error)
+    return plain | {STAIN_KEY: fit_normalizer(method, references).to_dict()}
 
 
 def normalise(image: Image.Image | np.ndarray, preprocessing: dict[str, Any]) -> torch.Tensor:
@@ -178,6 +221,10 @@ def _check(preprocessing: dict[str, Any]) -> None:
     if len(preprocessing["input_size"]) != 3 or int(preprocessing["input_size"][0]) != 3:
         size = preprocessing["input_size"]
         raise PreprocessError(f"preprocessing input_size must be [3, H, W], got {size}")
+    try:
+        stain_normalizer_of(preprocessing)
+    except StainError as error:
+        raise PreprocessError(f"preprocessing {STAIN_KEY}: {error}") from None
 
 
 def _check_rgb(rgb: Any) -> None:

@@ -25,7 +25,16 @@ from pipelines.io import layout
 from pipelines.io.tracking import TrainingTracker
 from pipelines.model.bundle import ModelBundle, read_bundle, save_bundle
 
-SERVING_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "opencv-python-headless")
+SERVING_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pandas",
+    "pillow",
+    "opencv-python-headless",
+    "torchstain",  # the stain normaliser a bundle's preprocessing may carry
+)
 
 
 class LeukopsClassifier(mlflow.pyfunc.PythonModel):

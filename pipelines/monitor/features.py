@@ -6,6 +6,11 @@
 * the champion's penultimate-layer embedding, reduced by a whitened PCA fitted on the reference and
   stored with the reference features, so every run against that reference uses the same axes;
 * the champion's predicted class and confidence.
+
+Stain: the facts (hue, saturation, RGB means, haematoxylin/eosin density) come from the raw decoded images,
+never stain-normalised, so a new lab's stain shift keeps showing as drift. The embeddings and confidences
+go through the champion's own preprocessing (``LoadedModel.batch``), which applies the stain normaliser
+saved in its bundle (`pipelines.model.stain`), so they describe what the model actually sees.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def predict_split(settings: Settings, run_id: str, store: ObjectStore, test: pd.
             except ImageDecodeError as err:
                 raise EvidenceError(f"test image {key} of run {run_id}'s gate evidence: {err}") from err
         predicted += [loaded.classes[i] for i in loaded.predict_proba(images).argmax(axis=1)]
-    return SplitPredictions.from_labels(loaded.classes, list(test["sha256"]), list(test["label"]), predicted)
+    sources = list(test["source"]) if "source" in test else None  # each image's site (the per-site gate checks)
+    return SplitPredictions.from_labels(loaded.classes, list(test["sha256"]), list(test["label"]), predicted, sources)
 
 
 def test_predictions(

@@ -10,6 +10,9 @@ is judged on a one-sided bound at ``thresholds.confidence`` (95%), never on a po
 - non-inferiority: paired-bootstrap lower bound of F1(candidate) - F1(champion) >= -margin, exact McNemar
   reported beside it;
 - external validation (``holdout_macro_f1_min`` set): every holdout source's logged lower bound;
+- per site of the test split (`pipelines.trust.sites`): each site's macro-F1 lower bound (the worst site
+  decides) and its paired non-inferiority vs the champion; sites under ``min_check_images`` are reported,
+  not gated; the report has a per-site table;
 - Grad-CAM nucleus enrichment (and the optional LIME agreement): the sample mean.
 
 Each check says how many images it rests on; fewer than ``min_check_images`` is "insufficient evidence"
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +32,9 @@ from pipelines.core.errors import LeukopsError
 from pipelines.core.render import render
 from pipelines.core.settings import GateThresholds
 from pipelines.model.evaluate import macro_f1
+from pipelines.trust.checks import Check, Claim, bound_name, judge, num
+from pipelines.trust.sites import SiteFigures, site_evidence, site_thresholds
 from pipelines.trust.statistics import bootstrap_macro_f1, clopper_pearson, mcnemar_exact
-
-CheckKind = Literal["value", "change"]
 
 
 class GateInputError(LeukopsError):
@@ -40,35 +43,48 @@ class GateInputError(LeukopsError):
 
 @dataclass(frozen=True)
 class SplitPredictions:
-    """One model's predicted class for every image of one test split (indices into ``classes``)."""
+    """One model's predicted class for every image of one test split (indices into ``classes``), and the
+    source (site) of each image; ``sources`` is None in files cached before per-site evaluation, which
+    still load (the optional ``source`` list of the JSON)."""
 
     classes: tuple[str, ...]
     sha256: tuple[str, ...]
     truth: tuple[int, ...]
     predicted: tuple[int, ...]
+    sources: tuple[str, ...] | None = None
 
     @classmethod
-    def from_labels(cls, classes, sha256, labels, predicted) -> SplitPredictions:
+    def from_labels(cls, classes, sha256, labels, predicted, sources=None) -> SplitPredictions:
         index = {name: i for i, name in enumerate(classes)}
         unknown = sorted({*labels, *predicted} - set(index))
-        if unknown or not len(sha256) == len(labels) == len(predicted):
+        lengths = {len(sha256), len(labels), len(predicted), len(sha256 if sources is None else sources)}
+        if unknown or len(lengths) != 1:
             raise GateInputError(f"test predictions: labels {unknown} not in {list(classes)} or lengths differ")
-        return cls(tuple(classes), tuple(sha256), tuple(index[v] for v in labels), tuple(index[v] for v in predicted))
+        return cls(
+            tuple(classes),
+            tuple(sha256),
+            tuple(index[v] for v in labels),
+            tuple(index[v] for v in predicted),
+            None if sources is None else tuple(str(v) for v in sources),
+        )
 
     def to_json(self) -> str:
         names = self.classes
         labels = [names[i] for i in self.truth]
+        sites = {} if self.sources is None else {"source": list(self.sources)}
         return json.dumps(
             {"classes": list(names), "sha256": list(self.sha256), "label": labels}
             | {"predicted": [names[i] for i in self.predicted]}
+            | sites
         )
 
     @classmethod
     def from_json(cls, text: str, where: str) -> SplitPredictions:
         try:
             data = json.loads(text)
-            return cls.from_labels(data["classes"], data["sha256"], data["label"], data["predicted"])
-        except (ValueError, KeyError, TypeError, GateInputError) as err:
+            args = (data["classes"], data["sha256"], data["label"], data["predicted"], data.get("source"))
+            return cls.from_labels(*args)
+        except (ValueError, KeyError, TypeError, AttributeError, GateInputError) as err:
             raise GateInputError(f"{where}: not a test-predictions file ({err})") from err
 
     @property
@@ -111,18 +127,6 @@ class CandidateMetrics:
 
 
 @dataclass(frozen=True)
-class Check:
-    name: str
-    value: float | None  # the judged statistic: a one-sided bound (or the mean, for explanation checks)
-    threshold: float
-    passed: bool
-    kind: CheckKind
-    detail: str
-    n: int | None = None  # images the check rests on
-    point: float | None = None  # the point estimate the bound belongs to
-
-
-@dataclass(frozen=True)
 class GateDecision:
     candidate_run_id: str
     task: str
@@ -131,6 +135,7 @@ class GateDecision:
     thresholds: dict[str, Any]
     champion: dict[str, Any] | None
     reported: dict[str, float | None]
+    sites: tuple[SiteFigures, ...] = ()  # per source of the test split (pipelines.trust.sites)
 
     @property
     def passed(self) -> bool:
@@ -156,6 +161,7 @@ class GateDecision:
             "champion": self.champion,
             "reported": self.reported,
             "thresholds": self.thresholds,
+            "sites": [asdict(site) for site in self.sites],
         }
 
     def to_json(self) -> str:
@@ -165,44 +171,9 @@ class GateDecision:
         return render("gate_report.md.j2", decision=self)
 
 
-@dataclass(frozen=True)
-class _Claim:
-    """One check before judging: what is claimed, by which statistic, on how many images."""
-
-    name: str
-    what: str
-    point: float | None
-    bound: float | None
-    n: int | None
-    how: str  # how the bound was obtained, for the detail
-
-
-def _judge(claim: _Claim, threshold: float, t: GateThresholds, *, floor: bool, kind: CheckKind = "value") -> Check:
-    def check(passed: bool, detail: str) -> Check:
-        return Check(claim.name, claim.bound, threshold, passed, kind, detail, claim.n, claim.point)
-
-    if claim.bound is None:
-        return check(False, f"{claim.what} was not measured")
-    rests = "" if claim.n is None else f"; rests on {claim.n} images"
-    if claim.n is not None and claim.n < t.min_check_images:
-        return check(False, f"insufficient evidence: {claim.what} rests on {claim.n} images (< {t.min_check_images})")
-    op, passed = (">=", claim.bound >= threshold) if floor else ("<=", claim.bound <= threshold)
-    return check(
-        passed, f"{claim.what} {_num(claim.point)}, {claim.how} {claim.bound:.4f} must be {op} {threshold:.4f}{rests}"
-    )
-
-
-def _num(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.4f}"
-
-
-def _bound_name(t: GateThresholds) -> str:
-    return f"one-sided {t.confidence:.0%}"
-
-
-def _macro_f1_claim(cand: CandidateMetrics, t: GateThresholds) -> _Claim:
+def _macro_f1_claim(cand: CandidateMetrics, t: GateThresholds) -> Claim:
     if cand.test is None:
-        return _Claim("macro_f1", "test macro-F1", None, None, None, "")
+        return Claim("macro_f1", "test macro-F1", None, None, None, "")
     boot = bootstrap_macro_f1(
         *cand.test.arrays(),
         len(cand.classes),
@@ -210,43 +181,41 @@ def _macro_f1_claim(cand: CandidateMetrics, t: GateThresholds) -> _Claim:
         seed=t.bootstrap_seed,
         confidence=t.confidence,
     )
-    how = f"{_bound_name(t)} lower bound ({boot.resamples} bootstrap resamples, seed {boot.seed})"
-    return _Claim("macro_f1", "test macro-F1", boot.point, boot.lower, boot.n, how)
+    how = f"{bound_name(t)} lower bound ({boot.resamples} bootstrap resamples, seed {boot.seed})"
+    return Claim("macro_f1", "test macro-F1", boot.point, boot.lower, boot.n, how)
 
 
-def _recall_claims(cand: CandidateMetrics, t: GateThresholds) -> list[_Claim]:
+def _recall_claims(cand: CandidateMetrics, t: GateThresholds) -> list[Claim]:
     claims = []
     for index, name in enumerate(cand.classes):
         what = f"test recall of {name!r}"
         if cand.test is None:
-            claims.append(_Claim(f"recall[{name}]", what, None, None, None, ""))
+            claims.append(Claim(f"recall[{name}]", what, None, None, None, ""))
             continue
         truth, predicted = cand.test.arrays()
         support = int(np.sum(truth == index))
         hits = int(np.sum((truth == index) & (predicted == index)))
         if support == 0:
-            claims.append(_Claim(f"recall[{name}]", what, None, 0.0, 0, ""))
+            claims.append(Claim(f"recall[{name}]", what, None, 0.0, 0, ""))
             continue
         low = clopper_pearson(hits, support, t.confidence, "lower")[0]
-        how = f"{hits}/{support}, {_bound_name(t)} Clopper-Pearson lower bound"
-        claims.append(_Claim(f"recall[{name}]", what, hits / support, low, support, how))
+        how = f"{hits}/{support}, {bound_name(t)} Clopper-Pearson lower bound"
+        claims.append(Claim(f"recall[{name}]", what, hits / support, low, support, how))
     return claims
 
 
 def _shortcut_check(cand: CandidateMetrics, t: GateThresholds) -> Check:
     flips, n = cand.shortcut_flips, cand.shortcut_images
     what = "shortcut flip rate"
-    artefact = f"; Grad-CAM artefact mass {_num(cand.artefact_mass)} (reported)"
+    artefact = f"; Grad-CAM artefact mass {num(cand.artefact_mass)} (reported)"
     if flips is None or not n:
-        check = _judge(
-            _Claim("shortcut_flip_rate", what, None, None, None, ""), t.shortcut_flip_rate_max, t, floor=False
-        )
+        check = judge(Claim("shortcut_flip_rate", what, None, None, None, ""), t.shortcut_flip_rate_max, t, floor=False)
     else:
         low, high = clopper_pearson(flips, n, t.confidence)
         upper = clopper_pearson(flips, n, t.confidence, "upper")[1]
-        how = f"{flips}/{n} flipped ({t.confidence:.0%} interval {low:.4f}-{high:.4f}), {_bound_name(t)} upper bound"
-        claim = _Claim("shortcut_flip_rate", what, flips / n, upper, n, how)
-        check = _judge(claim, t.shortcut_flip_rate_max, t, floor=False)
+        how = f"{flips}/{n} flipped ({t.confidence:.0%} interval {low:.4f}-{high:.4f}), {bound_name(t)} upper bound"
+        claim = Claim("shortcut_flip_rate", what, flips / n, upper, n, how)
+        check = judge(claim, t.shortcut_flip_rate_max, t, floor=False)
     return Check(**{**asdict(check), "detail": check.detail + artefact})
 
 
@@ -255,13 +224,13 @@ def _holdout_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
     if floor is None:
         return []
     if not cand.holdout:
-        claim = _Claim(
+        claim = Claim(
             "holdout", f"macro-F1 on a holdout source of {cand.task!r} (none registered)", None, None, None, ""
         )
-        return [_judge(claim, floor, t, floor=True)]
+        return [judge(claim, floor, t, floor=True)]
     return [
-        _judge(
-            _Claim(
+        judge(
+            Claim(
                 f"holdout[{fig.source}]",
                 f"macro-F1 on holdout source {fig.source!r}",
                 fig.macro_f1,
@@ -279,9 +248,9 @@ def _holdout_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
 
 def _value_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
     f1_floor, recall_floor = t.task_floors(cand.task)
-    checks = [_judge(_macro_f1_claim(cand, t), f1_floor, t, floor=True)]
-    checks += [_judge(claim, recall_floor, t, floor=True) for claim in _recall_claims(cand, t)]
-    enrichment = _Claim(
+    checks = [judge(_macro_f1_claim(cand, t), f1_floor, t, floor=True)]
+    checks += [judge(claim, recall_floor, t, floor=True) for claim in _recall_claims(cand, t)]
+    enrichment = Claim(
         "nucleus_enrichment",
         "Grad-CAM nucleus enrichment",
         cand.nucleus_enrichment,
@@ -289,13 +258,13 @@ def _value_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
         cand.explain_images,
         "sample mean",
     )
-    checks.append(_judge(enrichment, t.nucleus_enrichment_min, t, floor=True))
+    checks.append(judge(enrichment, t.nucleus_enrichment_min, t, floor=True))
     checks.append(_shortcut_check(cand, t))
     if t.lime_agreement_min is not None:
-        lime = _Claim(
+        lime = Claim(
             "lime_agreement", "LIME nucleus agreement", cand.lime_agreement, cand.lime_agreement, None, "sample mean"
         )
-        checks.append(_judge(lime, t.lime_agreement_min, t, floor=True))
+        checks.append(judge(lime, t.lime_agreement_min, t, floor=True))
     return checks + _holdout_checks(cand, t)
 
 
@@ -317,8 +286,8 @@ def _non_inferiority(cand: CandidateMetrics, champ: CandidateMetrics, t: GateThr
     name, margin = "non_inferiority", -t.non_inferiority_margin
     if cand.test is None or champ.test is None:
         missing = "candidate" if cand.test is None else "champion"
-        claim = _Claim(name, f"{missing} per-image test predictions", None, None, None, "")
-        return _judge(claim, margin, t, floor=True, kind="change"), {}
+        claim = Claim(name, f"{missing} per-image test predictions", None, None, None, "")
+        return judge(claim, margin, t, floor=True, kind="change"), {}
     truth, predicted = cand.test.arrays()
     baseline = champ.test.arrays()[1]
     boot = bootstrap_macro_f1(
@@ -332,12 +301,12 @@ def _non_inferiority(cand: CandidateMetrics, champ: CandidateMetrics, t: GateThr
     )
     test = mcnemar_exact(truth, predicted, baseline)
     how = (
-        f"{_bound_name(t)} paired-bootstrap lower bound ({boot.resamples} resamples, seed {boot.seed}; exact "
+        f"{bound_name(t)} paired-bootstrap lower bound ({boot.resamples} resamples, seed {boot.seed}; exact "
         f"McNemar p={test.pvalue:.4f}: {test.candidate_only} images only the candidate gets right, "
         f"{test.baseline_only} only the champion)"
     )
     what = f"candidate F1 - champion v{champ.version} F1 ({champ.origin})"
-    check = _judge(_Claim(name, what, boot.point, boot.lower, boot.n, how), margin, t, floor=True, kind="change")
+    check = judge(Claim(name, what, boot.point, boot.lower, boot.n, how), margin, t, floor=True, kind="change")
     reported = {
         "f1_difference_ci_low": boot.interval[0],
         "f1_difference_ci_high": boot.interval[1],
@@ -373,13 +342,17 @@ def decide(candidate: CandidateMetrics, champion: CandidateMetrics | None, thres
         change, paired = _non_inferiority(candidate, champion, thresholds)
         checks.append(change)
         reported |= paired
+    sites, site_checks = site_evidence(candidate, champion, thresholds)  # after pairing: the same images
     f1_floor, recall_floor = thresholds.task_floors(candidate.task)
+    site_floor, site_margin = site_thresholds(candidate.task, thresholds)
+    resolved = {"task_macro_f1_min": f1_floor, "task_class_recall_min": recall_floor}
+    resolved |= {"task_site_macro_f1_min": site_floor, "task_site_non_inferiority_margin": site_margin}
     return GateDecision(
         candidate_run_id=candidate.run_id,
         task=candidate.task,
         dataset_version=candidate.dataset_version,
-        checks=tuple(checks),
-        thresholds=thresholds.model_dump() | {"task_macro_f1_min": f1_floor, "task_class_recall_min": recall_floor},
+        checks=tuple(checks + site_checks),
+        thresholds=thresholds.model_dump() | resolved,
         champion=None
         if champion is None
         else {
@@ -390,4 +363,5 @@ def decide(candidate: CandidateMetrics, champion: CandidateMetrics | None, thres
             "origin": champion.origin,
         },
         reported=reported,
+        sites=tuple(sites),
     )

@@ -13,6 +13,16 @@ journaled (``layout.promotion_journal_key``):
 A move that fails and whose restore put every alias back is marked ``undone`` at once (the caller saw the
 failure and may retry).
 
+The target of a move was signed before it (``trust/attestation``: a new, newest promotion sequence), and
+serving loads only the newest signed version: so whatever puts ``@champion`` back (a restore, an undo)
+signs the restored champion anew (action ``undo <action>``) when a newer signature exists, else serving
+would refuse the very champion the undo restored.
+
+Every command that moves a model's aliases (promote, approve, rollback, ``fsck --repair``) holds the
+model's lease (``promotion_lease``, ``io/lease``) from reading the aliases to the entry's end: two at once
+run in turn, and a second that waits longer than ``PROMOTION_WAIT_S`` fails naming the holder. So an entry
+found ``moving`` under the lease is never a live move of another process.
+
 An entry still ``moving`` is unfinished. The next promote, approve or rollback of that task, and
 ``leukops fsck --repair``, finish it first: when every version it names is still READY the aliases are
 moved on to the intended ones (the target was gated and attested before its entry was written; serving
@@ -31,6 +41,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipelines.io import layout
+from pipelines.io.lease import Lease
 from pipelines.io.registry import ALIASES, RegistryError
 
 if TYPE_CHECKING:
@@ -38,6 +49,7 @@ if TYPE_CHECKING:
     from pipelines.io.storage import ObjectStore
 
 MOVING, DONE, UNDONE = "moving", "done", "undone"
+PROMOTION_WAIT_S = 1800.0  # a gate takes minutes at most: longer means a stuck holder, named in the error
 UNFINISHED_PROMOTION = "unfinished_promotion"  # the fsck problem kind
 Moves = list[tuple[str, str | None]]
 
@@ -184,7 +196,10 @@ def finish(registry: Registry, store: ObjectStore, entry: Entry, by: str) -> Ent
         registry.move_aliases(entry.task, moves_towards(current, target), audit)
     if not _audited(registry, entry, target):
         registry.write_audit(entry.task, entry.before, target, audit)
-    return _close(store, entry, state, by, target)
+    closed = _close(store, entry, state, by, target)
+    if state == UNDONE:
+        sign_restored(registry, entry, target.get("champion"), audit)  # audit's action: "undo <action>"
+    return closed
 
 
 def finish_unfinished(registry: Registry, store: ObjectStore, task: str, by: str) -> list[Entry]:
@@ -192,11 +207,21 @@ def finish_unfinished(registry: Registry, store: ObjectStore, task: str, by: str
     return [finish(registry, store, entry, by) for entry in unfinished(store, task, registry.model_name)]
 
 
+def promotion_lease(store: ObjectStore, model: str) -> Lease:
+    """``with promotion_lease(store, model):`` the body alone moves ``model``'s aliases."""
+    return Lease(store, layout.promotion_lease_name(model), wait_s=PROMOTION_WAIT_S)
+
+
 def repair(registry: Registry, store: ObjectStore, by: str = "fsck --repair") -> list[dict[str, Any]]:
-    """``leukops fsck --repair``: every unfinished entry of this registry's models finished or undone."""
+    """``leukops fsck --repair``: every unfinished entry of this registry's models finished or undone,
+    each under its model's lease (an entry a running promote is moving is ended by that promote)."""
     repaired = []
-    for entry in unfinished(store, model_of=registry.model_name):
-        closed = finish(registry, store, entry, by)
+    for found in unfinished(store, model_of=registry.model_name):
+        with promotion_lease(store, found.model):
+            entry = Entry.from_json(store.get_json(found.key))  # its holder may have ended it meanwhile
+            if entry.state != MOVING:
+                continue
+            closed = finish(registry, store, entry, by)
         repaired.append({"key": closed.key, "task": closed.task, "state": closed.state, "aliases": closed.ended})
     return repaired
 
@@ -218,6 +243,8 @@ def journaled_move(
     except RegistryError as err:
         if _restored(registry, entry):  # nothing is half moved: the caller retries knowing it failed
             _close(store, entry, UNDONE, audit.get("action", "move"), entry.before)
+            undo = {"action": f"undo {audit.get('action', 'move')}"}
+            sign_restored(registry, entry, entry.before.get("champion"), audit | undo)
             raise
         raise RegistryError(
             f"{err}; promotion journal entry {entry.key} is unfinished: the next promote, approve, rollback "
@@ -227,6 +254,27 @@ def journaled_move(
         registry.write_audit(task, entry.before, after, audit | {"journal": entry.entry_id})
     _close(store, entry, DONE, audit.get("action", "move"), after)
     return after
+
+
+def sign_restored(registry: Registry, entry: Entry, champion: str | None, audit: dict[str, str]) -> None:
+    """Sign the restored ``champion`` as the newest promotion (``audit``'s action, "undo ...") when the
+    undone move's target (signed before the move) holds a newer signature than it."""
+    from pipelines.trust.attestation import attest, newest_sequence, signing_key
+
+    target = entry.after.get("champion")
+    if champion is None or target is None or target == champion:
+        return
+    try:
+        signed = registry.version(entry.task, target).tags.get(layout.ATTESTATION_TAG)
+    except RegistryError:  # the target was deleted, its signature with it
+        return
+    if signed is None:
+        return
+    public = signing_key(registry.settings).public_key()
+    own = registry.version(entry.task, champion).tags.get(layout.ATTESTATION_TAG)
+    if newest_sequence([own] if own else [], public) < newest_sequence([signed], public):
+        why = f"{audit.get('why', '')} (journal {entry.entry_id}: @champion restored)".strip()
+        attest(registry, registry.settings, entry.task, champion, audit["action"], why, audit.get("who") or "journal")
 
 
 def _restored(registry: Registry, entry: Entry) -> bool:

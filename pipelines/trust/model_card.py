@@ -14,7 +14,7 @@ from pipelines.core.errors import LeukopsError
 from pipelines.core.render import render
 from pipelines.core.settings import Settings
 from pipelines.core.taxonomy import get_task
-from pipelines.io.layout import EXPLAIN_OVERLAYS, MODEL_CARD
+from pipelines.io.layout import EXPLAIN_OVERLAYS, MODEL_CARD, holdout_metric, metric_sources, site_metric
 from pipelines.io.registry import Registry, RunRecord, VersionRecord
 from pipelines.trust.gate import GateDecision
 
@@ -22,6 +22,8 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMBALANCE_RATIO = 3.0  # largest / smallest class count above which the card warns about imbalance
 SMALL_TEST_SPLIT = 100
+SITE_FAMILIES = (("site", "test split", site_metric), ("holdout", "holdout source", holdout_metric))
+SITE_FIGURES = ("n_images", "n_classes_scored", "macro_f1", "f1_ci_low", "f1_ci_high", "accuracy")
 
 
 def known_limitations(run: RunRecord, counts: dict[str, dict[str, int]] | None, decision: GateDecision) -> list[str]:
@@ -42,6 +44,16 @@ def known_limitations(run: RunRecord, counts: dict[str, dict[str, int]] | None, 
         notes.append("No Grad-CAM artefact mass was measured for this run.")
     notes.append("Evaluated on images from the listed sources only; other labs, stains and scanners are untested.")
     return notes
+
+
+def site_rows(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """The run's per-site figures: each source of its test split, then each holdout source it was evaluated
+    on (``source``, ``role`` and the `SITE_FIGURES`, None where not logged)."""
+    return [
+        {"source": source, "role": role} | {name: metrics.get(metric(source, name)) for name in SITE_FIGURES}
+        for family, role, metric in SITE_FAMILIES
+        for source in metric_sources(metrics, family)
+    ]
 
 
 def render_model_card(
@@ -69,6 +81,7 @@ def render_model_card(
         task=task,
         metrics=run.metrics,
         split_rows=split_rows,
+        site_rows=site_rows(run.metrics),
         sources=snapshot.get("sources", {}),
         snapshot_error=snapshot.get("error", "no snapshot"),
         explain_images=list(explain_images),

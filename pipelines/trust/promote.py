@@ -15,12 +15,17 @@ The model card of a passed version is ``pipelines.trust.model_card``'s. Whatever
 ``@champion`` (promote, approve, rollback) first signs it with a new promotion sequence number
 (``pipelines.trust.attestation``: stored, read back and verified before any alias moves); serving loads
 only the newest signed version.
+
+Each entry point holds the model's promotion lease (``trust/journal.promotion_lease``) from its first read
+of the aliases to its last move: two promotions of one model at once run in turn (the second is gated
+against the first's outcome), or the second fails naming the holder after ``PROMOTION_WAIT_S``.
 """
 
 from __future__ import annotations
 
 import getpass
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +37,7 @@ from pipelines.trust.attestation import attest
 from pipelines.trust.evidence import candidate_metrics as evidence_metrics
 from pipelines.trust.evidence import holdout_figures, holdout_sources, required_tag, test_predictions
 from pipelines.trust.gate import CandidateMetrics, GateDecision, decide
-from pipelines.trust.journal import finish_unfinished, journaled_move
+from pipelines.trust.journal import finish_unfinished, journaled_move, promotion_lease
 from pipelines.trust.model_card import write_model_card
 
 if TYPE_CHECKING:
@@ -215,6 +220,15 @@ def _finish_unfinished(registry: Registry, settings: Settings, task: str, by: st
     finish_unfinished(registry, ObjectStore.from_settings(settings), task, by)
 
 
+@contextmanager
+def _exclusive(registry: Registry, settings: Settings, task: str) -> Iterator[None]:
+    """The body alone moves the task's aliases (other promote/approve/rollback/repair of it wait)."""
+    from pipelines.io.storage import ObjectStore
+
+    with promotion_lease(ObjectStore.from_settings(settings), registry.model_name(task)):
+        yield
+
+
 def _store_reports(registry: Registry, run: RunRecord, decision: GateDecision) -> str:
     registry.log_text(run.run_id, decision.to_markdown(), GATE_REPORT_MD)
     return registry.log_text(run.run_id, decision.to_json(), GATE_REPORT_JSON)
@@ -256,7 +270,9 @@ def promote_run(run_id: str, reason: str, settings: Settings | None = None) -> d
     """Gate one training run and register it; on pass it becomes @champion (@challenger if sign-off is on)."""
     settings = settings or get_settings()
     registry = Registry.from_settings(settings)
-    return _promote_one(registry, settings, registry.read_run(run_id), reason).to_dict()
+    run = registry.read_run(run_id)
+    with _exclusive(registry, settings, required_tag(run, "task")):
+        return _promote_one(registry, settings, run, reason).to_dict()
 
 
 def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings | None = None) -> dict[str, Any]:
@@ -273,10 +289,17 @@ def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings |
     if unranked:
         raise PromotionError(f"runs without val_macro_f1 cannot be ranked: {', '.join(unranked)}")
     ranked = sorted(runs, key=lambda r: r.metrics["val_macro_f1"], reverse=True)
-    ranking = [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked]
     task = next(iter(tasks))
+    with _exclusive(registry, settings, task):
+        return _select_leased(registry, settings, task, ranked, reason)
+
+
+def _select_leased(
+    registry: Registry, settings: Settings, task: str, ranked: list[RunRecord], reason: str
+) -> dict[str, Any]:
+    ranking = [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked]
     champion = registry.champion(task)
-    if champion is not None and champion.run_id in {r.run_id for r in runs}:  # a rerun after it promoted one
+    if champion is not None and champion.run_id in {r.run_id for r in ranked}:  # a rerun after it promoted one
         return {
             "task": task,
             "promoted": True,
@@ -313,6 +336,13 @@ def approve(task: str, version: str | int, reason: str, settings: Settings | Non
     settings = settings or get_settings()
     registry = Registry.from_settings(settings)
     record = registry.version(task, str(version))
+    with _exclusive(registry, settings, task):
+        return _approve_leased(registry, settings, task, record, reason)
+
+
+def _approve_leased(
+    registry: Registry, settings: Settings, task: str, record: VersionRecord, reason: str
+) -> dict[str, Any]:
     _finish_unfinished(registry, settings, task, by="approve")
     aliases = registry.aliases(task)
     if record.tags.get("gate.passed") != "true":
@@ -350,6 +380,11 @@ def rollback(task: str, reason: str, settings: Settings | None = None) -> dict[s
     """@champion goes back to @previous, which then holds the rolled-back version (a rollback undoes one)."""
     settings = settings or get_settings()
     registry = Registry.from_settings(settings)
+    with _exclusive(registry, settings, task):
+        return _rollback_leased(registry, settings, task, reason)
+
+
+def _rollback_leased(registry: Registry, settings: Settings, task: str, reason: str) -> dict[str, Any]:
     _finish_unfinished(registry, settings, task, by="rollback")
     aliases = registry.aliases(task)
     name = registry.model_name(task)

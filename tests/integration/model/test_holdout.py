@@ -31,9 +31,9 @@ CLASSES = ("Benign", "Early", "Pre", "Pro")
 INFERENCE = InferenceConfig(temperature=0.7, tta=("hflip",))
 
 
-def _holdout_folder(shared_data: Path, root: Path, per_class: int, offset: int) -> list[Path]:
+def _holdout_folder(shared_data: Path, root: Path, per_class: int, offset: int, labels=CLASSES) -> list[Path]:
     files = []
-    for label in CLASSES:
+    for label in labels:
         (root / label).mkdir(parents=True)
         for file in sorted((shared_data / "all_taleqani" / label).glob("*.jpg"))[offset : offset + per_class]:
             (root / label / file.name).write_bytes(file.read_bytes())
@@ -98,3 +98,21 @@ def test_all_holdouts_logs_each_sources_figures_to_the_run(
     text = capsys.readouterr().out
     assert "95% CI" in text and "temperature 0.700, TTA hflip" in text and "uncalibrated" in text
     assert all(f"{c:<14} recall" in text for c in CLASSES)
+
+
+def test_a_holdout_labelling_a_subset_of_the_classes_is_scored_on_those(
+    calibrated_run, settings, store, shared_data, tmp_path, capsys
+) -> None:
+    _holdout_folder(shared_data, tmp_path / "part", per_class=3, offset=350, labels=("Benign", "Early"))
+    name = f"part-{uuid.uuid4().hex[:6]}"
+    save_source(
+        Source(name, str(tmp_path / "part"), "folders", default_label_map([TASK]), (TASK,), role="holdout"), settings
+    )
+    assert ingest_source(load_source(name, settings), settings, store, run_date="2026-01-01").accepted == 6
+
+    assert main(["evaluate", "--model", calibrated_run, "--source", name, "--json"]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 6 and result["classes_scored"] == ["Benign", "Early"]
+    assert result["absent_classes"] == ["Pre", "Pro"] and "counted as errors" in result["scoring"]
+    assert main(["evaluate", "--model", calibrated_run, "--source", name]) == 0
+    assert "scored on the 2 of 4 classes these images carry (absent: Pre, Pro)" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from pipelines.data.imagefacts import decode_image
 from pipelines.data.ingest import ingest_source
 from pipelines.data.snapshot import take_snapshot
 from pipelines.data.sources import Source, default_label_map, load_source, save_source
+from pipelines.io import layout
 from pipelines.io.registry import Registry
 from pipelines.model.bundle import load_model
 from pipelines.model.candidate import CandidateSummary, finished_candidate
@@ -103,6 +104,10 @@ def test_training_run_is_logged_with_contract_metrics_tags_and_artifacts(trained
     assert metrics["val_macro_f1"] == pytest.approx(max(m.value for m in history))
     artifacts = {a.path for a in client.list_artifacts(trained.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/per_class_report.txt"} <= artifacts
+    # per site: one source here, so its figures are the test split's
+    assert metrics[layout.site_metric("taleqani-train", "n_images")] == metrics["n_test"]
+    assert metrics[layout.site_metric("taleqani-train", "macro_f1")] == pytest.approx(metrics["test_macro_f1"])
+    assert layout.SITE_REPORT in artifacts
     assert {i.dataset.name.rsplit("/", 1)[-1] for i in run.inputs.dataset_inputs} == {"train", "val", "test"}
 
     # an Airflow retry finds the finished run and reports the very summary training returned

@@ -228,6 +228,9 @@ class OneObjectStore:
     def get_bytes(self, key: str) -> bytes:
         return self.data
 
+    def size(self, key: str) -> int:
+        return len(self.data)
+
 
 def test_an_s3_object_above_max_file_bytes_is_refused() -> None:
     from pipelines.data.sources import S3Reader

@@ -12,6 +12,7 @@ import torch
 from pipelines.model.backbones import create_backbone
 from pipelines.model.bundle import (
     BUNDLE_FILE,
+    BUNDLE_FORMAT,
     WEIGHTS_FILE,
     BundleError,
     LoadedModel,
@@ -63,7 +64,7 @@ def test_a_saved_bundle_reads_back_as_the_same_classifier(tmp_path: Path) -> Non
 def test_the_contract_is_one_flat_json_and_records_how_training_started(tmp_path: Path) -> None:
     bundle, _ = _trained_bundle(tmp_path)
     saved = json.loads((tmp_path / BUNDLE_FILE).read_text())
-    assert saved["format"] == 3 and saved["backbone"] == "custom_cnn" and saved["image_size"] == 32
+    assert saved["format"] == BUNDLE_FORMAT and saved["backbone"] == "custom_cnn" and saved["image_size"] == 32
     assert saved["classes"] == CLASSES and saved["preprocessing"]["input_size"] == [3, 32, 32]
     assert saved["pretrained"] is False and saved["weights_source"] == "random-init"
     saved |= {"pretrained": True, "weights_source": "file:imagenet.pth"}
@@ -120,7 +121,7 @@ def test_a_format_2_bundle_loads_with_temperature_one_and_no_tta(tmp_path: Path)
     old = {k: v for k, v in saved.items() if k not in ("temperature", "tta")} | {"format": 2}
     (tmp_path / BUNDLE_FILE).write_text(json.dumps(old))
     loaded = read_bundle(tmp_path)
-    assert loaded.inference == InferenceConfig() and loaded.bundle.format == 3
+    assert loaded.inference == InferenceConfig() and loaded.bundle.format == BUNDLE_FORMAT
     with torch.no_grad():
         expected = torch.softmax(loaded.module(loaded.batch(_images())), dim=1).numpy()
     assert np.allclose(loaded.predict_proba(_images()), expected, atol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from pipelines.io import layout
 from pipelines.model.evaluate import (
     EvaluationError,
     _bootstrap_macro_f1,
@@ -18,8 +19,11 @@ from pipelines.model.evaluate import (
     evaluate_logits,
     evaluate_model,
     evaluate_predictions,
+    evaluate_sites,
     expected_calibration_error,
     macro_f1,
+    site_metrics,
+    sites_report,
 )
 from pipelines.model.predict import InferenceConfig, Outputs, probabilities
 
@@ -92,6 +96,45 @@ def test_absent_classes_are_listed_and_left_out_of_macro_f1() -> None:
     assert result.macro_f1 == pytest.approx(f1_score(truth, proba.argmax(1), labels=[0, 1], average="macro"))
     assert "test_recall_Pre" not in result.to_metrics("test_")
     assert np.isnan(result.f1_ci_low)
+
+
+def test_a_source_labelling_a_subset_is_scored_on_its_classes_and_absent_predictions_are_errors() -> None:
+    truth = np.array([0, 0, 0, 1, 1, 1])  # a lab that labels Benign and Early only
+    predicted = [0, 0, 3, 1, 1, 2]  # one Benign predicted Pro, one Early predicted Pre: absent classes
+    result = evaluate_predictions(truth, np.eye(4)[predicted], CLASSES, bootstrap=100)
+    assert result.classes_scored == ("Benign", "Early") and result.absent_classes == ("Pre", "Pro")
+    assert result.predicted_absent == 2 and result.accuracy == pytest.approx(4 / 6)
+    assert result.per_class["Benign"].recall == pytest.approx(2 / 3), "a prediction into an absent class is a miss"
+    assert result.macro_f1 == pytest.approx(0.8), "F1 2/(2+0.5*(0+1)) of each of the two scored classes"
+    assert f1_score(truth, predicted, labels=[0, 1, 2, 3], average="macro") == pytest.approx(0.4), "not this"
+    metrics = result.to_metrics()
+    assert metrics["n_classes_scored"] == 2.0 and metrics["predicted_absent"] == 2.0
+    report = result.classification_report()
+    assert "(absent: not scored)" in report and "scored on the 2 of 4 classes these images carry" in report
+    assert "2 prediction(s) into absent classes counted as errors" in report
+    assert result.to_dict()["classes_scored"] == ["Benign", "Early"]
+    everything = evaluate_predictions(np.arange(8) % 4, np.eye(4)[np.arange(8) % 4], CLASSES, bootstrap=0)
+    assert everything.scoring_note() == "" and everything.predicted_absent == 0
+
+
+def test_each_site_is_evaluated_on_its_own_images_and_logged_per_source() -> None:
+    truth = np.array([0, 1, 2, 3, 0, 1, 0, 1])
+    logits = np.eye(4)[[0, 1, 2, 3, 0, 1, 1, 2]] * 3.0
+    sources = ["pbc"] * 4 + ["cellavision.lab-2"] * 4
+    sites = evaluate_sites(truth, logits, CLASSES, InferenceConfig(), sources, bootstrap=50)
+    assert list(sites) == ["cellavision.lab-2", "pbc"]
+    other, pbc = sites["cellavision.lab-2"], sites["pbc"]
+    assert pbc.macro_f1 == 1.0 and pbc.n == 4 and other.n == 4 and other.accuracy == pytest.approx(0.5)
+    assert other.classes_scored == ("Benign", "Early") and other.predicted_absent == 1
+    metrics = site_metrics(sites)
+    assert metrics[layout.site_metric("cellavision.lab-2", "n_images")] == 4.0
+    assert metrics[layout.site_metric("pbc", "macro_f1")] == 1.0
+    assert metrics[layout.site_metric("cellavision.lab-2", "n_classes_scored")] == 2.0
+    assert layout.metric_sources(metrics, "site") == ["cellavision.lab-2", "pbc"]
+    assert json.loads(json.dumps(sites_report(sites)))["pbc"]["n"] == 4
+    assert evaluate_sites(truth, logits, CLASSES, InferenceConfig(), None) == {}
+    with pytest.raises(EvaluationError, match="one source per image"):
+        evaluate_sites(truth, logits, CLASSES, InferenceConfig(), sources[:3])
 
 
 def test_macro_f1_averages_the_present_classes_or_the_given_ones() -> None:

@@ -38,6 +38,27 @@ def test_metrics_are_named_per_source_and_carry_what_the_gate_reads() -> None:
 
 def test_summary_is_small_json_with_recall_ci_and_both_eces() -> None:
     summary = _evaluation().summary()
-    assert set(summary) == {"macro_f1", "f1_ci", "ece", "ece_uncalibrated", "recall", "n_images"}
+    assert set(summary) == {"macro_f1", "f1_ci", "ece", "ece_uncalibrated", "recall", "n_images"} | {
+        "classes_scored",
+        "classes_absent",
+        "predicted_absent",
+    }
+    assert summary["classes_scored"] == list(CLASSES) and summary["classes_absent"] == []
     assert summary["recall"] == pytest.approx(dict.fromkeys(CLASSES, 0.9)) and summary["n_images"] == 40
     assert summary["f1_ci"][0] <= summary["macro_f1"] <= summary["f1_ci"][1]
+
+
+def test_a_source_labelling_a_subset_of_the_classes_says_so_in_metrics_and_summary() -> None:
+    truth = np.arange(30) % 2  # CellaVision-like: Benign and Early only
+    predicted = truth.copy()
+    predicted[:3] = 3  # three predictions into Pro, a class this source never labels
+    result = evaluate_logits(truth, np.eye(4)[predicted] * 3.0, CLASSES, InferenceConfig(), bootstrap=100)
+    evaluation = SourceEvaluation("cellavision", result, n_other_labels=0, excluded_seen_in_training=0)
+    summary, metrics = evaluation.summary(), evaluation.metrics()
+    assert summary["classes_scored"] == ["Benign", "Early"] and summary["classes_absent"] == ["Pre", "Pro"]
+    assert summary["predicted_absent"] == 3 and set(summary["recall"]) == {"Benign", "Early"}
+    assert metrics[layout.holdout_metric("cellavision", "n_classes_scored")] == 2.0
+    assert metrics[layout.holdout_metric("cellavision", "predicted_absent")] == 3.0
+    assert layout.holdout_metric("cellavision", "recall_Pro") not in metrics
+    assert summary["macro_f1"] == pytest.approx(np.mean([2 * 13 / (2 * 13 + 2), 2 * 14 / (2 * 14 + 1)]))
+    assert layout.metric_sources(metrics, "holdout") == ["cellavision"]

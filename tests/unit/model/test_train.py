@@ -313,7 +313,8 @@ def test_defaults_have_one_source_settings_retrain() -> None:
     from dataclasses import asdict, fields
 
     from pipelines.core.settings import RetrainConfig
-    from pipelines.model.candidate import TrainingInputError, candidate_spec, train_config
+    from pipelines.model.candidate import candidate_spec, train_config
+    from pipelines.model.training_request import TrainingInputError
 
     retrain = RetrainConfig()
     assert asdict(TrainConfig()) == {f.name: getattr(retrain, f.name) for f in fields(TrainConfig)}

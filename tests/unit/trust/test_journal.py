@@ -36,6 +36,7 @@ TASK = "binary_all"
 class Version:
     status: str = "READY"
     audit: list[dict] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class FlakyRegistry:
