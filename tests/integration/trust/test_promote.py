@@ -336,9 +336,13 @@ def test_mlflow_failure_between_alias_steps_leaves_champion_valid(runs, fresh, m
     }
 
 
-def test_failure_after_champion_moved_is_rolled_back(runs, fresh, monkeypatch):
-    """The read-back after the moves fails: every alias, champion first, goes back to where it was."""
-    promote_run(runs["good"], "first", fresh)
+def test_failure_after_champion_moved_is_rolled_back(runs, fresh, store, monkeypatch):
+    """The read-back after the moves fails: every alias, champion first, goes back to where it was, and the
+    restored champion is signed anew (its target was signed with a newer sequence before the moves)."""
+    from pipelines.trust.attestation import verify_champion
+    from pipelines.trust.journal import UNDONE, entries
+
+    first = promote_run(runs["good"], "first", fresh)
     real_get = MlflowClient.get_registered_model
     state = {"moved": False}
     real_set = MlflowClient.set_registered_model_alias
@@ -359,6 +363,11 @@ def test_failure_after_champion_moved_is_rolled_back(runs, fresh, monkeypatch):
         promote_run(runs["better"], "nightly", fresh)
     monkeypatch.undo()
     assert _aliases(fresh) == {"champion": "1"}
+    model = fresh.registered_model_name(TASK)
+    (undone,) = [e for e in entries(store, TASK) if e.model == model and e.state == UNDONE]
+    statement = verify_champion(fresh, TASK)  # raised stale_sequence: v2 was signed as promotion 2
+    assert (statement.version, statement.action) == ("1", "undo promote")
+    assert statement.sequence == first["attestation_sequence"] + 2 and undone.entry_id in statement.why
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
