@@ -1,4 +1,18 @@
-"""How many labels does a new lab need? New-lab macro-F1 against the number of its images labelled.
+"""A new lab joins: the drift → label → retrain loop under the scheduler (``--loop``), and how many labels
+the new lab needs (``--labels``).
+
+**The loop** (``--loop``; `pipelines.devstack.new_lab`): a private stack with Airflow (CeleryExecutor) on top,
+configured by a copy of ``leukops.yaml`` whose nightly grid trains the ``wbc`` task (one cell, ``--budget-min``
+per candidate; every gate threshold as shipped). PBC is ingested and a REST-triggered retrain makes its model
+``@champion``; CellaVision is registered with split shares 50/10/40 (``leukops source add --split 50/10/40``:
+~40 test images, enough for the per-site checks) and ingested; a REST-triggered drift run must find drift
+with new labels and emit the retrain request, and the retrain the scheduler starts from that event must
+promote a model trained on both labs. Printed: the wall time of each stage, the drift verdict, the gate's
+per-site checks and the per-site table (the new champion vs the old one on the same test images).
+
+    .venv/bin/python benchmarks/new_lab.py --loop --budget-min 6
+
+**The label-count curve** (``--labels``):
 
 A model trained on PBC only (one lab) meets CellaVision (another lab, 5 of the 8 ``wbc`` classes). The
 CellaVision images are split once, stratified with a fixed seed, into a **test split** (never labelled,
@@ -9,8 +23,8 @@ never ranked) and a **label pool**. For each label count k and each strategy, k 
   over the PBC model's embeddings), which is what ``leukops suggest-labels`` puts in the lab's CSV.
 
 The PBC model is then fine-tuned (its weights as the start, the product's recipe and budget) on PBC's train
-split + the k images, each repeated so the new lab is ``--lab-share`` of the training rows (10 images among
-1,280 would otherwise be noise to the loss). k = 0 is the PBC model itself. Every training is the product's
+split + the k images, two sources, so the product's site-balanced draw (``retrain.site_balance``) keeps the
+new lab from drowning among 1,280 PBC images. k = 0 is the PBC model itself. Every training is the product's
 fit path (`candidate_spec`, `train_config`, `build_run`, `fit_prepared`, as ``benchmarks/train.py``), the
 temperature is fitted on PBC's val split, and the figures come through the one predict function. Printed
 per k and strategy: CellaVision test macro-F1 (bootstrap 95% CI; averaged over the classes CellaVision has,
@@ -109,14 +123,10 @@ def figures(model: LoadedModel, rgbs: list[np.ndarray], labels: pd.Series) -> di
     return {"macro_f1": result.macro_f1, "ci": (result.f1_ci_low, result.f1_ci_high), "pred": probs.argmax(1)}
 
 
-def training_frame(pbc: pd.DataFrame, lab_rows: pd.DataFrame, lab_share: float) -> pd.DataFrame:
-    """PBC + the labelled new-lab images in train, each repeated so they are ~``lab_share`` of train rows."""
-    if lab_rows.empty:
-        return pbc
-    n_train = int((pbc["split"] == "train").sum())
-    repeats = max(1, round(lab_share * n_train / ((1 - lab_share) * len(lab_rows))))
-    added = pd.concat([lab_rows[["path", "label"]]] * repeats, ignore_index=True).assign(split="train")
-    return pd.concat([pbc, added], ignore_index=True)
+def training_frame(pbc: pd.DataFrame, lab_rows: pd.DataFrame) -> pd.DataFrame:
+    """PBC + the labelled new-lab images in train, each row naming its source (the site-balanced draw)."""
+    added = lab_rows[["path", "label"]].assign(split="train", source="new-lab")
+    return pd.concat([pbc.assign(source="pbc"), added], ignore_index=True)
 
 
 def describe(k: int, strategy: str, lab: dict, pbc: dict, wall_s: float) -> str:
@@ -129,6 +139,7 @@ def describe(k: int, strategy: str, lab: dict, pbc: dict, wall_s: float) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loop", action="store_true", help="the drift → label → retrain loop under the scheduler")
     parser.add_argument("--labels", default="0,10,25,50", help="label counts k, comma-separated")
     parser.add_argument("--strategy", default=",".join(STRATEGIES), help="random,suggested (either or both)")
     parser.add_argument("--budget-min", type=float, default=5.0, help="time budget of each training")
@@ -137,7 +148,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="default: settings.retrain.image_size")
     parser.add_argument("--epochs", type=int, help="most epochs of each training (default: settings)")
     parser.add_argument("--test-share", type=float, default=0.5, help="the new lab's share held out for test")
-    parser.add_argument("--lab-share", type=float, default=0.2, help="new-lab share of the fine-tuning rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=1, help="every N-th PBC image of each class")
     parser.add_argument("--quick", action="store_true", help="smoke test: every 25th PBC image, 64 px, 1 epoch")
@@ -156,6 +166,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.loop:
+        from new_lab_loop import run
+
+        return run(args.budget_min, args.json_out)
     retrain = get_settings().retrain
     spec = candidate_spec(retrain, TASK, args.backbone, augment=args.augment, image_size=args.image_size)
     config = train_config(retrain, time_budget_min=args.budget_min, seed=args.seed)
@@ -186,7 +200,7 @@ def main() -> None:
             else:
                 chosen = [p.index for p in rank_for_labelling(pool_probs, pool_embeddings, k, args.seed)]
             started = time.monotonic()
-            run = build_run(spec, config, training_frame(pbc, pool.iloc[chosen], args.lab_share), f"k{k}", "")
+            run = build_run(spec, config, training_frame(pbc, pool.iloc[chosen]), f"k{k}", "")
             run.backbone.model.load_state_dict(base_state)  # fine-tune the PBC model, not ImageNet's
             model = fitted_model(run, device)
             row = {"k": k, "strategy": strategy, "labelled": pool.iloc[chosen]["label"].value_counts().to_dict()}

@@ -4,13 +4,14 @@ snapshot → plan the backbone × augmentation grid → train each cell on the `
 explain it (Grad-CAM, LIME, shortcut test) → rank the survivors by validation macro-F1 and gate them
 in that order → the first that passes becomes `@champion` (registry aliases, gate report, model card).
 
-- **Triggers**: its cron (`retrain.schedule`), a drift run's `leukops_retrain_request` asset event, or
-  a run from the UI / REST API. Training is skipped when the snapshot equals the last attempted one,
-  unless `force` is set with a `reason`.
+- **Triggers**: its cron (`retrain.schedule`), a drift run's `leukops_retrain_request` asset event (the
+  run retrains the tasks the request names, its message as the reason), or a run from the UI / REST API.
+  Training is skipped when the snapshot equals the last attempted one, unless `force` is set with a `reason`.
 - **Params** (all optional; empty = `leukops.yaml` / `LEUKOPS_*`): the grid (`tasks`, `backbones`,
   `augmentations`), training (`epochs`, `image_size`, `batch_size`, `max_images`, `time_budget_min`),
-  explanations (`explain_samples`, `explain_lime_images`) and every gate threshold (`macro_f1_min`,
-  `class_recall_min`, ...). They travel in the run's conf, so every worker of the run uses them.
+  stain and sites (`stain_augment`, `stain_normalize`, `site_balance`), explanations (`explain_samples`,
+  `explain_lime_images`) and every gate threshold (`macro_f1_min`, `class_recall_min`, ...). They travel
+  in the run's conf, so every worker of the run uses them.
 - **Failures**: one failed grid cell leaves the others to the gate; the run fails when every cell failed.
 """
 
@@ -25,19 +26,16 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from pipelines.core.settings import get_settings
 from pipelines.orchestration.assets import RETRAIN_REQUEST
 from pipelines.orchestration.notifiers import LeukopsAlertNotifier
-from pipelines.orchestration.params import retrain_params
+from pipelines.orchestration.params import retrain_params, with_retrain_requests
 
 RETRAIN = get_settings().retrain
 GPU_POOL = "gpu"
 
 
-def _params_with_trigger_reason(context) -> dict:
-    """The run's params; an asset-triggered run without a reason takes the drift run's message as one."""
-    params = dict(context["params"])
-    messages = [e.extra.get("message") for e in context["dag_run"].consumed_asset_events or [] if e.extra]
-    if not params.get("reason") and any(messages):
-        params["reason"] = "; ".join(m for m in messages if m)
-    return params
+def _run_params(context) -> dict:
+    """The run's params, completed by the retrain requests it consumed (an asset-triggered run)."""
+    requests = [e.extra for e in context["dag_run"].consumed_asset_events or [] if e.extra]
+    return with_retrain_requests(context["params"], requests)
 
 
 @dag(
@@ -66,7 +64,7 @@ def leukops_nightly_retrain():
         from pipelines.orchestration.airflow_tasks import snapshot_tasks
 
         try:
-            return snapshot_tasks(get_current_context()["params"])
+            return snapshot_tasks(_run_params(get_current_context()))
         except SnapshotError as err:  # the data, not the storage: e.g. no accepted images yet; retries cannot help
             raise AirflowFailException(str(err)) from err
 
@@ -76,7 +74,7 @@ def leukops_nightly_retrain():
         from pipelines.orchestration.airflow_tasks import plan_candidates
 
         context = get_current_context()
-        return plan_candidates(snapshots, context["run_id"], _params_with_trigger_reason(context))
+        return plan_candidates(snapshots, context["run_id"], _run_params(context))
 
     # The execution timeout caps a cell well above its own time budget (params allow up to 180 min).
     @task(

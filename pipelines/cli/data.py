@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with regex: the named group (?P<key>\\d+) counts in blocks of N (key // N), e.g. for the ALL set "
         "--group-by 'regex:^([^/]+)/.*?(?P<key>\\d+)\\.\\w+$' --group-block 20",
     )
+    add.add_argument(
+        "--split",
+        default=None,
+        metavar="TRAIN/VAL/TEST",
+        help="this source's split shares in percent (default 80/10/10), e.g. 50/10/40 for a small new lab whose "
+        "test split must carry per-site checks",
+    )
     add.add_argument("--licence", default="")
     add.add_argument("--notes", default="")
     add.add_argument("--replace", action="store_true", help="overwrite an existing definition")
@@ -81,6 +88,22 @@ def _label_map(pairs: list[str] | None, tasks: list[str]) -> dict[str, str]:
     return dict(p.split("=", 1) for p in pairs)
 
 
+def _split_shares(text: str | None) -> dict[str, float] | None:
+    from pipelines.data.groups import SPLITS
+    from pipelines.data.sources import SourceError
+
+    if text is None:
+        return None
+    parts = text.split("/")
+    try:
+        percents = [float(p) for p in parts]
+    except ValueError:
+        percents = []
+    if len(percents) != len(SPLITS):
+        raise SourceError(f"--split {text!r}: expected three percentages TRAIN/VAL/TEST, e.g. 50/10/40")
+    return {split: round(p / 100, 4) for split, p in zip(SPLITS, percents, strict=True)}
+
+
 def _source_add(args: argparse.Namespace) -> Output:
     from pipelines.core.settings import get_settings
     from pipelines.data.sources import Source, save_source
@@ -96,6 +119,7 @@ def _source_add(args: argparse.Namespace) -> Output:
         csv=args.csv,
         group_by=args.group_by,
         group_block=args.group_block,
+        split_shares=_split_shares(args.split),
         licence=args.licence,
         notes=args.notes,
     )
@@ -147,6 +171,7 @@ def _source_list(args: argparse.Namespace) -> Output:
             "label_map_version": s.label_map_version,
             "group_by": s.group_by,
             "group_block": s.group_block,
+            "split_shares": s.grouping.shares,
         }
         for s in sources
     ]

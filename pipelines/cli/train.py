@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("none", "macenko", "reinhard"),
         help="stain normaliser fitted on the training split, saved with the model" + SETTING.format("stain_normalize"),
     )
+    train.add_argument(
+        "--site-balance",
+        type=float,
+        help="draw weight n_site^-X across the snapshot's sources (0 = off, 1 = sites equal)"
+        + SETTING.format("site_balance"),
+    )
     train.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
 
 
@@ -82,6 +88,7 @@ def _train(args: argparse.Namespace) -> Output:
             "stain_strength": args.stain_strength,
             "stain_normalize": args.stain_normalize,
         },
+        site_balance=args.site_balance,
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,

@@ -163,6 +163,9 @@ class RetrainConfig(BaseModel):
     stain_strength: float = 0.1
     stain_normalize: str = "none"
     stain_reference_images: int = 32
+    # sources of unequal size (a new lab's 50 images beside 1,300 of the first lab): training draws each
+    # image with weight n_site^-site_balance (0 = plain shuffle, 0.5 = square root, 1 = each site equally)
+    site_balance: float = 0.5
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipelines.core.errors import LeukopsError
 from pipelines.data.imagefacts import decode_image
@@ -151,11 +152,14 @@ def make_loader(
     device: torch.device,
     seed: int,
     workers: int | None = None,
+    sample_weights: Sequence[float] | None = None,
 ) -> DataLoader:
     """A DataLoader that keeps the device fed: worker processes, pinned memory and prefetch on CUDA.
 
     On CPU the decode workers would compete with the training threads for the same cores, so it uses
-    at most one worker there. Shuffling draws from a seeded generator, so a run is reproducible.
+    at most one worker there. Shuffling draws from a seeded generator, so a run is reproducible; with
+    ``sample_weights`` a training epoch is ``len(dataset)`` draws with replacement from those weights
+    (the same generator, so a resumed run replays them too).
     """
     cuda = device.type == "cuda"
     if workers is None:
@@ -163,10 +167,14 @@ def make_loader(
     if multiprocessing.current_process().daemon:  # a Celery prefork child (Airflow's workers) may not fork
         workers = 0
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and sample_weights is not None:
+        sampler = WeightedRandomSampler(list(sample_weights), len(dataset), replacement=True, generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train and len(dataset) > batch_size,
         num_workers=workers,
         pin_memory=cuda,
@@ -177,6 +185,18 @@ def make_loader(
         generator=generator,
         worker_init_fn=_seed_worker,
     )
+
+
+def site_weights(sources: Sequence[str], balance: float) -> list[float] | None:
+    """Per-image draw weights ``n_site ** -balance`` (normalised), or None when there is one site or
+    ``balance`` is 0. 0.5 lets a 50-image lab beside 1,300 images of another make ~1/6 of the draws
+    instead of 1/27, without repeating its few images as often as equal weighting (1) would."""
+    counts = Counter(sources)
+    if len(counts) < 2 or balance == 0:
+        return None
+    raw = [counts[s] ** -balance for s in sources]
+    total = sum(raw)
+    return [w / total for w in raw]
 
 
 def _seed_worker(worker_id: int) -> None:

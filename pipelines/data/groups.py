@@ -14,6 +14,11 @@ in one of three forms:
 For the ALL set (``Benign/WBC-Benign-001.jpg``), ``regex:^([^/]+)/.*?(?P<key>\\d+)\\.\\w+$`` with block
 20 groups twenty consecutive captures of one class: ``Benign/0``, ``Benign/1``, ...
 A file the pattern does not match has no group (it is split on its own, and the snapshot warns).
+
+A source may also set its own **split shares** (``split_shares: {train: 0.5, val: 0.1, test: 0.4}``): a
+new lab with 100 labelled images gets ~10 test images at 80/10/10, too few for any per-site check, so it
+holds out more. The shares are part of the grouping: changing them starts a new ledger version in which
+that source's images are placed again (the split ledger never moves an image within a version).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from functools import cached_property
 from pipelines.core.errors import LeukopsError
 
 GROUP_KINDS = ("patient", "source")
+SPLITS = ("train", "val", "test")
+DEFAULT_SHARES = (0.8, 0.1, 0.1)
 REGEX_PREFIX = "regex:"
 BLOCK_GROUP = "key"
 
@@ -40,8 +47,11 @@ class GroupSpec:
 
     by: str | None = None
     block: int | None = None
+    split: tuple[float, float, float] | None = None  # train/val/test shares; None = 80/10/10
 
     def __post_init__(self) -> None:
+        if self.split is not None:
+            self._check_split()
         if self.by not in (None, *GROUP_KINDS) and not str(self.by).startswith(REGEX_PREFIX):
             raise GroupSpecError(
                 f"group_by {self.by!r} is not one of {', '.join(GROUP_KINDS)}, 'regex:<pattern>' or empty"
@@ -76,10 +86,27 @@ class GroupSpec:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise GroupSpecError(f"group_block {self.block!r} must be a whole number ≥ 1")
 
+    def _check_split(self) -> None:
+        shares = self.split
+        if len(shares) != len(SPLITS) or any(isinstance(s, bool) or not 0 <= s <= 1 for s in shares):
+            raise GroupSpecError(f"split_shares {shares!r} must be three numbers in [0, 1] for {'/'.join(SPLITS)}")
+        if abs(sum(shares) - 1) > 1e-6:
+            raise GroupSpecError(f"split_shares {shares!r} must add up to 1 (they add up to {sum(shares):.4f})")
+        if shares[0] == 0:
+            raise GroupSpecError(f"split_shares {shares!r}: a train share of 0 is a holdout; register role holdout")
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return dict(zip(SPLITS, self.split or DEFAULT_SHARES, strict=True))
+
     @property
     def spec(self) -> str:
-        """The grouping as one comparable string, recorded on each ledger row (ungrouped too)."""
-        return json.dumps({"group_by": self.by, "group_block": self.block})
+        """The grouping as one comparable string, recorded on each ledger row (ungrouped too); the split
+        shares appear only when a source sets them, so older ledger rows keep comparing equal."""
+        spec = {"group_by": self.by, "group_block": self.block}
+        if self.split is not None and tuple(self.split) != DEFAULT_SHARES:
+            spec["split"] = list(self.split)
+        return json.dumps(spec)
 
     def key(self, source: str, path: str | None, patient_id: str | None) -> str | None:
         """``<source>:<key>`` of a file, or None when it has no group."""
@@ -105,6 +132,12 @@ class GroupSpec:
                 return None
             parts[self.pattern.groupindex[BLOCK_GROUP] - 1] = str(int(number) // self.block)
         return "/".join(parts)
+
+
+def shares_of_spec(spec: str | None) -> dict[str, float]:
+    """The split shares a ledger row's recorded grouping (`GroupSpec.spec`) asks for; 80/10/10 if none."""
+    recorded = json.loads(spec).get("split") if isinstance(spec, str) and spec else None
+    return dict(zip(SPLITS, recorded or DEFAULT_SHARES, strict=True))
 
 
 def preview(spec: GroupSpec, paths: list[str], examples: int = 5) -> dict:

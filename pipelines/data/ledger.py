@@ -11,7 +11,9 @@ split:
    ledger's near-duplicates of its images (``near_duplicate``), so a re-encoded copy cannot leak;
 3. else a component with a group goes to the split furthest below its 80/10/10 share for its class
    (``group_balance``: whole groups cannot follow a hash and still give each class a val/test part),
-   and one of ungrouped images to a deterministic hash of its first sha (``hash``).
+   and one of ungrouped images to a deterministic hash of its first sha (``hash``). A source with its
+   own split shares (recorded in each row's ``grouping``) is placed by those shares, balanced within
+   the source (its class counts, not the task's).
 
 Versions: when a source's grouping changes, its rows cannot keep splits drawn under the old groups
 (a new group would straddle splits). The snapshot then starts ledger version N+1: the other sources'
@@ -26,6 +28,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pipelines.data.groups import shares_of_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,10 +53,11 @@ LEDGER_COLUMNS = (
 PAIR_CHECK_LIMIT = 400_000_000  # held-out × train hash comparisons (~30k images) before the count is skipped
 
 
-def hash_split(key: str) -> str:
-    """Deterministic 80/10/10 split from a key (a sha or a group name)."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 80 else "val" if bucket < 90 else "test"
+def hash_split(key: str, shares: dict[str, float] = SPLIT_SHARES) -> str:
+    """Deterministic split from a key (a sha or a group name): 80/10/10 unless ``shares`` says otherwise."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100  # percent, as splits always were
+    train, val = round(100 * shares["train"]), round(100 * (shares["train"] + shares["val"]))
+    return "train" if bucket < train else "val" if bucket < val else "test"
 
 
 def phash_ints(hashes) -> np.ndarray:
@@ -196,6 +201,10 @@ def placement_components(rows: list[Any], hashes: np.ndarray, valid: np.ndarray,
     return sorted(members.values(), key=order)
 
 
+def _shares(row: Any) -> dict[str, float]:
+    return shares_of_spec(getattr(row, "grouping", None))
+
+
 def group_of(row: Any) -> str | None:
     group = getattr(row, "group", None)
     return group if isinstance(group, str) and group else None
@@ -210,9 +219,10 @@ class LedgerGrowth:
         for group, split in zip(ledger["group"], ledger["split"], strict=True):
             if isinstance(group, str) and group:
                 self.group_split.setdefault(group, split)
-        self.counts: dict[str, Counter] = {}
-        for label, split in zip(ledger["label"], ledger["split"], strict=True):
+        self.counts: dict[Any, Counter] = {}  # label → split counts, and (source, label) → split counts
+        for label, source, split in zip(ledger["label"], ledger["source"], ledger["split"], strict=True):
             self.counts.setdefault(label, Counter())[split] += 1
+            self.counts.setdefault((source, label), Counter())[split] += 1
         self.added: list[dict[str, Any]] = []
 
     def place(self, component: list[Any], inherited: list[str | None]) -> None:
@@ -224,7 +234,7 @@ class LedgerGrowth:
         elif any(group_of(r) for r in component):
             split, how = self.balanced_split(component), "group_balance"
         else:
-            split, how = hash_split(component[0].sha256), "hash"
+            split, how = hash_split(component[0].sha256, _shares(component[0])), "hash"
         for row in component:
             group = group_of(row)
             if group in self.group_split:
@@ -236,14 +246,18 @@ class LedgerGrowth:
                 self.group_split.setdefault(group, split)
 
     def balanced_split(self, component: list[Any]) -> str:
-        """The split furthest below its share for the component's (most common) class, train on ties."""
+        """The split furthest below its share for the component's (most common) class, train on ties; a
+        source with its own shares is balanced against its own images of that class."""
         label = Counter(row.label for row in component).most_common(1)[0][0]
-        counts = self.counts.get(label, Counter())
+        shares = _shares(component[0])
+        key = label if shares == SPLIT_SHARES else (component[0].source, label)
+        counts = self.counts.get(key, Counter())
         total = sum(counts.values()) + len(component)
-        return max(SPLITS, key=lambda s: SPLIT_SHARES[s] * total - counts[s])
+        return max(SPLITS, key=lambda s: shares[s] * total - counts[s])
 
     def add(self, row: Any, split: str, how: str) -> None:
         self.counts.setdefault(row.label, Counter())[split] += 1
+        self.counts.setdefault((row.source, row.label), Counter())[split] += 1
         self.added.append(
             {
                 "sha256": row.sha256,

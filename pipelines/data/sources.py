@@ -32,7 +32,7 @@ import yaml
 
 from pipelines.core.errors import LeukopsError
 from pipelines.core.taxonomy import get_task
-from pipelines.data.groups import GroupSpec, GroupSpecError
+from pipelines.data.groups import SPLITS, GroupSpec, GroupSpecError
 
 if TYPE_CHECKING:
     from pipelines.core.settings import Settings
@@ -69,6 +69,7 @@ class Source:
     csv: str = "manifest.csv"  # csv layout: the manifest's path relative to the location
     group_by: str | None = None  # patient | source | regex:<pattern>: a group's images share one split
     group_block: int | None = None  # regex form: the named group `key`'s number // group_block
+    split_shares: dict[str, float] | None = None  # {train, val, test}; None = 80/10/10 (data/groups.py)
     licence: str = ""
     notes: str = ""
 
@@ -85,7 +86,11 @@ class Source:
 
     @property
     def grouping(self) -> GroupSpec:
-        return GroupSpec(self.group_by, self.group_block)
+        shares = self.split_shares
+        if shares is not None and (not isinstance(shares, dict) or set(shares) != set(SPLITS)):
+            raise GroupSpecError(f"split_shares {shares!r} must map each of {', '.join(SPLITS)} to a share")
+        split = tuple(float(shares[s]) for s in SPLITS) if shares is not None else None
+        return GroupSpec(self.group_by, self.group_block, split)
 
     @property
     def is_s3(self) -> bool:
@@ -98,6 +103,8 @@ class Source:
             data.pop("csv")
         if self.group_block is None:
             data.pop("group_block")
+        if self.split_shares is None:
+            data.pop("split_shares")
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -24,6 +24,7 @@ from pipelines.data.datasets import (
     label_indices,
     limit_rows,
     make_loader,
+    site_weights,
     split_rows,
 )
 from pipelines.io import layout, tracking
@@ -68,6 +69,7 @@ class CandidateSpec:
     stain_strength: float = 0.1
     stain_normalize: str = "none"  # a normaliser fitted on the train split, saved in the preprocessing
     stain_reference_images: int = 32
+    site_balance: float = 0.5  # training draws an image with weight n_site^-site_balance (data.datasets)
 
 
 def train_config(retrain: RetrainConfig, **overrides: Any) -> TrainConfig:
@@ -131,7 +133,8 @@ class PreparedRun:
 
 
 def _loaders(spec: CandidateSpec, frame: pd.DataFrame, preprocessing: dict, augmentation: Augmentation, seed: int):
-    """train/val/test DataLoaders over the cached files (``frame.path``); augmentation on train only."""
+    """train/val/test DataLoaders over the cached files (``frame.path``); augmentation on train only, and
+    the training draw balanced across the frame's sources (``source``) by ``spec.site_balance``."""
     from pipelines.model.preprocess import build_transform
 
     classes = get_task(spec.task).classes
@@ -141,7 +144,10 @@ def _loaders(spec: CandidateSpec, frame: pd.DataFrame, preprocessing: dict, augm
         rows, train = split_rows(frame, split), split == "train"
         transform = build_transform(preprocessing, augmentation.pil_transform if train else None, train=train)
         dataset = ImageFileDataset(list(rows["path"]), label_indices(list(rows["label"]), classes), transform)
-        loaders[split] = make_loader(dataset, batch_size=spec.batch_size, train=train, device=device, seed=seed)
+        weights = site_weights(list(rows["source"]), spec.site_balance) if train and "source" in rows else None
+        loaders[split] = make_loader(
+            dataset, batch_size=spec.batch_size, train=train, device=device, seed=seed, sample_weights=weights
+        )
     return loaders
 
 
@@ -400,6 +406,7 @@ def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: 
         "max_images": retrain.max_images,
         "batch_size": retrain.batch_size,
         "tta": tuple(retrain.tta),
+        "site_balance": retrain.site_balance,
         **{name: getattr(retrain, name) for name in STAIN_OPTIONS},
     }
     given = {k: v for k, v in options.items() if v is not None}
@@ -420,6 +427,7 @@ def train_candidate(
     device: str | None = None,
     extra_tags: dict[str, str] | None = None,
     stain: dict[str, Any] | None = None,
+    site_balance: float | None = None,
     **train_options: Any,
 ) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
@@ -437,6 +445,7 @@ def train_candidate(
         batch_size=batch_size,
         mask_corner=mask_corner,
         device=device,
+        site_balance=site_balance,
         **(stain or {}),
     )
     config = train_config(settings.retrain, **train_options)

@@ -27,6 +27,10 @@ def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
     check_stain_options(spec.stain_augment, spec.stain_strength, spec.stain_normalize, spec.stain_reference_images)
     if spec.backbone not in BACKBONES:
         raise TrainingInputError(f"unknown backbone {spec.backbone!r}; allowed: {', '.join(BACKBONES)}")
+    if not 0 <= spec.site_balance <= 1:
+        raise TrainingInputError(
+            f"site_balance must be within [0, 1] (0 = off, 1 = sites equal), got {spec.site_balance}"
+        )
     for name, value in (("epochs", config.epochs), ("batch_size", spec.batch_size)):
         if value < 1:
             raise TrainingInputError(f"{name} must be >= 1, got {value}")

@@ -44,6 +44,15 @@ RETRAIN_OVERRIDES: dict[str, Param] = {
     "batch_size": _optional("integer", "training batch size", minimum=1, maximum=1024),
     "max_images": _optional("integer", "cap on training images (stratified)", minimum=8),
     "time_budget_min": _optional("number", "wall-clock budget per candidate, minutes", exclusiveMinimum=0),
+    "stain_augment": _optional("string", "stain jitter in training: none, hed", enum=[None, "none", "hed"]),
+    "stain_normalize": _optional(
+        "string",
+        "stain normaliser saved with the model: none, reinhard, macenko",
+        enum=[None, "none", "reinhard", "macenko"],
+    ),
+    "site_balance": _optional(
+        "number", "draw weight n_site^-x across sources (0 = off, 1 = sites equal)", minimum=0, maximum=1
+    ),
     "explain_samples": _optional("integer", "test images for Grad-CAM + shortcut test", minimum=1, maximum=5000),
     "explain_lime_images": _optional("integer", "test images explained with LIME", minimum=0, maximum=500),
 }
@@ -105,6 +114,20 @@ def ingest_params() -> dict[str, Param]:
             description="how long a source with nothing new is polled before its branch is skipped (0 = once)",
         ),
     }
+
+
+def with_retrain_requests(params: dict[str, Any], requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """A retrain run's params completed by the drift runs' retrain requests it consumed (asset events'
+    extra): their tasks when the run names none (drift in ``wbc`` retrains ``wbc``, whatever the nightly
+    grid's tasks), their messages as the reason when it gives none."""
+    params = dict(params)
+    messages = [r["message"] for r in requests if r.get("message")]
+    if not params.get("reason") and messages:
+        params["reason"] = "; ".join(messages)
+    requested = sorted({t for r in requests for t in r.get("tasks") or []})
+    if not params.get("tasks") and requested:
+        params["tasks"] = requested
+    return params
 
 
 def drift_params() -> dict[str, Param]:

@@ -72,6 +72,7 @@ class Promotion:
             "version": int(self.version),
             "aliases": list(self.aliases),
             "checks": checks,
+            "sites": [asdict(site) for site in self.decision.sites],
             "passed": self.decision.passed,
             "failed": self.decision.failed,
             "awaiting_approval": self.decision.passed and not self.promoted,

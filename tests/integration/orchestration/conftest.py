@@ -59,9 +59,15 @@ class Scheduler:
 
     def set_schedule(self, section: str, key: str, cron: str) -> None:
         """Change a schedule in the config file; the dag-processor's next parse applies it."""
+        self.set_config(section, {key: cron})
+
+    def set_config(self, section: str, values: dict) -> dict:
+        """Change values of a config-file section (each task process reads the file); returns the old ones."""
         config = yaml.safe_load(self.config_file.read_text())
-        config.setdefault(section, {})[key] = cron
+        old = {key: config.get(section, {}).get(key) for key in values}
+        config.setdefault(section, {}).update(values)
         self.config_file.write_text(yaml.safe_dump(config))
+        return old
 
 
 def cron_at(moment: datetime) -> str:

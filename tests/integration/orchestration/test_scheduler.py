@@ -217,3 +217,40 @@ def test_the_demo_summary_links_answer_over_http(scheduler: Scheduler):
     assert {"Airflow", "MLflow", "Data", "drift"} <= kinds, links
     assert all(link["url"].startswith("http") for link in links.values()), links
     assert all(link["status"] in LINK_OK for link in links.values()), links
+
+
+# The loop's own gate: a few dozen test images, so every check may rest on one image; the per-site checks
+# run (two sites) but cannot fail on a one-epoch, 64-px model; the benchmark runs the shipped gate.
+LOOP_GATE = {"min_check_images": 1, "non_inferiority_margin": 1.0, "site_non_inferiority_margin": 1.0}
+
+
+def test_a_new_lab_joins_drift_with_its_labels_retrains_on_both_labs(scheduler: Scheduler, sample_images):
+    """The new-lab loop on real images of two labs: PBC's champion, CellaVision labelled (split 50/10/40)
+    → the drift run requests a retrain of `wbc` → the scheduler starts it from that asset event → the
+    candidate, trained on both labs, passes the per-site checks and becomes @champion."""
+    from pipelines.devstack.new_lab import Lab, Loop, run_loop, site_checks
+
+    # 11 PBC images a class at 60/20/20 give every class a test image (the gate checks each class's recall)
+    first = Lab("loop-pbc", sample_images("pbc", per_class=11), {"train": 0.6, "val": 0.2, "test": 0.2})
+    new = Lab(
+        "loop-cellavision", sample_images("wbc_seg_cellavision", per_class=40), {"train": 0.5, "val": 0.1, "test": 0.4}
+    )
+    old_gate = scheduler.set_config("gate", LOOP_GATE)
+    try:
+        result = run_loop(Loop(scheduler.settings, scheduler.client, "wbc", say=print), first, new)
+    finally:
+        scheduler.set_config("gate", old_gate)
+    request = result["retrain_request"]
+    assert request["action"] == "retrain" and request["tasks"] == ["wbc"], request
+    assert result["retrain_run_type"] == "asset_triggered"
+    drifted = [r["current"] for v in result["drift"] for r in v["reports"] if r["retrain_recommended"]]
+    assert drifted and all(c.startswith("batch:") for c in drifted), result["drift"]
+    before, after = result["champion_before"], result["champion_after"]
+    assert before["promoted"] and after["promoted"] and after["version"] > before["version"], (before, after)
+    sites = {s["source"]: s for s in after["chosen"]["sites"]}
+    assert set(sites) == {first.source, new.source}, sites
+    assert 0.25 * 100 <= sites[new.source]["n"] <= 0.55 * 100, sites  # its own 40 % test share of 100 images
+    checks = {c["name"]: c for c in site_checks(after)}
+    assert {f"site_macro_f1[{new.source}]", f"site_non_inferiority[{new.source}]"} <= set(checks), checks
+    assert all(c["passed"] for c in checks.values()), checks
+    assert sites[new.source]["champion_macro_f1"] is not None  # the old champion, on the same images

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.data.groups import GroupSpec, GroupSpecError, preview
+from pipelines.data.groups import GroupSpec, GroupSpecError, preview, shares_of_spec
 from pipelines.data.sources import SourceError, source_from_mapping
 
 ALL_PATTERN = r"regex:^([^/]+)/.*?(?P<key>\d+)\.\w+$"
@@ -67,3 +67,34 @@ def test_the_recorded_spec_changes_with_the_pattern_or_the_block() -> None:
         GroupSpec("source").spec,
     }
     assert len(specs) == 4 and GroupSpec(ALL_PATTERN, 20).spec == GroupSpec(ALL_PATTERN, 20).spec
+
+
+@pytest.mark.parametrize(
+    ("split", "reason"),
+    [
+        ((0.5, 0.5, 0.5), "add up to 1"),
+        ((0.0, 0.5, 0.5), "holdout"),
+        ((0.5, 0.5), "three numbers"),
+        ((1.2, -0.1, -0.1), "three numbers"),
+    ],
+)
+def test_bad_split_shares_are_refused_with_the_reason(split, reason) -> None:
+    with pytest.raises(GroupSpecError, match=reason):
+        GroupSpec(split=split)
+
+
+def test_split_shares_are_part_of_the_grouping_only_when_they_differ_from_80_10_10() -> None:
+    assert GroupSpec(split=(0.8, 0.1, 0.1)).spec == GroupSpec().spec
+    assert shares_of_spec(GroupSpec(split=(0.5, 0.1, 0.4)).spec) == {"train": 0.5, "val": 0.1, "test": 0.4}
+    assert shares_of_spec(None) == {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def test_split_shares_in_a_source_file_name_the_file_and_round_trip() -> None:
+    base = {"name": "new-lab", "location": "/d", "layout": "folders", "tasks": ["wbc"]}
+    with pytest.raises(SourceError, match=r"sources/new-lab\.yaml: split_shares .* must map each of train, val, test"):
+        source_from_mapping(base | {"split_shares": {"train": 0.6, "test": 0.4}}, "expectations/sources/new-lab.yaml")
+    source = source_from_mapping(base | {"split_shares": {"train": 0.5, "val": 0.1, "test": 0.4}}, "x.yaml")
+    assert source.grouping.shares == {"train": 0.5, "val": 0.1, "test": 0.4}
+    import yaml
+
+    assert source_from_mapping(yaml.safe_load(source.to_yaml()), "x.yaml") == source

@@ -297,3 +297,27 @@ def test_a_ledger_without_recorded_groupings_adopts_the_current_ones() -> None:
     upgraded_once = build_snapshot(TASK, rows, set(), legacy, spec)
     assert upgraded_once.ledger_version == 1 and upgraded_once.ledger_changed and upgraded_once.new_in_ledger == 0
     assert set(upgraded_once.ledger["grouping"]) == {spec["lab-a"].spec}
+
+
+def test_a_source_with_its_own_split_shares_is_placed_by_them_and_the_others_keep_80_10_10() -> None:
+    first_lab = synthetic_rows(range(100), run=1, source="lab-a")
+    new_lab = synthetic_rows(range(25), run=1, seed=1, source="lab-b")
+    specs = {"lab-a": GroupSpec(), "lab-b": GroupSpec(split=(0.5, 0.1, 0.4))}
+    result = build_snapshot(TASK, pd.concat([first_lab, new_lab], ignore_index=True), set(), empty_ledger(), specs)
+    shares = result.snapshot.frame.groupby("source")["split"].value_counts(normalize=True).unstack(fill_value=0)
+    assert shares.loc["lab-b", "test"] == pytest.approx(0.4, abs=0.1), shares
+    assert shares.loc["lab-a", "test"] == pytest.approx(0.1, abs=0.05), shares
+    grouped = {"lab-b": GroupSpec(ALL_PATTERN, 5, (0.5, 0.1, 0.4))}  # whole groups, balanced within the source
+    by_groups = build_snapshot(TASK, new_lab, set(), empty_ledger(), grouped).snapshot.frame
+    per_class = by_groups.groupby("label")["split"].value_counts().unstack(fill_value=0)
+    assert (per_class["test"] == 10).all() and (per_class["train"] >= 10).all(), per_class
+
+
+def test_changing_a_sources_split_shares_places_it_again_in_a_new_ledger_version() -> None:
+    rows = synthetic_rows(range(40), run=1)
+    first = build_snapshot(TASK, rows, set(), empty_ledger(), {"lab-a": GroupSpec()})
+    second = build_snapshot(TASK, rows, set(), first.ledger, {"lab-a": GroupSpec(split=(0.5, 0.1, 0.4))})
+    assert second.ledger_version == 2 and set(second.regrouped) == {"lab-a"}
+    assert (second.snapshot.frame["split"] == "test").mean() > (first.snapshot.frame["split"] == "test").mean()
+    unchanged = build_snapshot(TASK, rows, set(), first.ledger, {"lab-a": GroupSpec(split=(0.8, 0.1, 0.1))})
+    assert unchanged.ledger_version == 1 and not unchanged.ledger_changed  # the default, spelled out

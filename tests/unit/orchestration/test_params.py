@@ -15,6 +15,7 @@ from pipelines.orchestration.params import (
     overrides_of,
     retrain_params,
     with_overrides,
+    with_retrain_requests,
 )
 
 
@@ -94,3 +95,23 @@ def test_ingest_params_bound_the_wait_for_new_files():
     for bad in ({"wait_for_files_min": -1}, {"wait_for_files_min": 120}, {"source": "../etc"}):
         with pytest.raises(ParamValidationError):
             _validated(ingest_params(), bad)
+
+
+def test_a_retrain_request_names_the_tasks_and_the_reason_unless_the_run_does():
+    params = _validated(retrain_params(), {})
+    requests = [{"action": "retrain", "message": "retrain requested for wbc", "tasks": ["wbc"]}]
+    completed = with_retrain_requests(params, requests)
+    assert completed["tasks"] == ["wbc"] and completed["reason"] == "retrain requested for wbc"
+    assert with_overrides(Settings(profile="dev"), completed).retrain.tasks == ["wbc"]
+    own = with_retrain_requests(_validated(retrain_params(), {"tasks": ["all_subtypes"], "reason": "mine"}), requests)
+    assert own["tasks"] == ["all_subtypes"] and own["reason"] == "mine"
+    assert with_retrain_requests(params, []) == params  # a cron run: the settings' tasks
+
+
+def test_stain_and_site_options_travel_in_the_conf_and_bad_ones_are_refused():
+    conf = {"stain_augment": "hed", "stain_normalize": "reinhard", "site_balance": 1.0}
+    retrain = with_overrides(Settings(profile="dev"), _validated(retrain_params(), conf)).retrain
+    assert (retrain.stain_augment, retrain.stain_normalize, retrain.site_balance) == ("hed", "reinhard", 1.0)
+    for bad in ({"stain_augment": "purple"}, {"site_balance": 2}):
+        with pytest.raises(ParamValidationError):
+            _validated(retrain_params(), bad)
