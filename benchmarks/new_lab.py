@@ -169,6 +169,8 @@ def main() -> None:
     if args.loop:
         from new_lab_loop import run
 
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST poll otherwise
+
         return run(args.budget_min, args.json_out)
     retrain = get_settings().retrain
     spec = candidate_spec(retrain, TASK, args.backbone, augment=args.augment, image_size=args.image_size)
