@@ -91,9 +91,9 @@ def run(budget_min: float, json_out: Path | None) -> None:
         result = run_loop(Loop(settings, client, TASK, say), FIRST_LAB, NEW_LAB)
     finally:
         stack.down()
-    report(result)
-    if json_out:
+    if json_out:  # first: the figures outlive a report that fails to print
         json_out.write_text(json.dumps(result, indent=2, default=str))
+    report(result)
 
 
 def report(result: dict) -> None:

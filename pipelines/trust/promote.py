@@ -24,6 +24,7 @@ against the first's outcome), or the second fails naming the holder after ``PROM
 from __future__ import annotations
 
 import getpass
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -72,7 +73,8 @@ class Promotion:
             "version": int(self.version),
             "aliases": list(self.aliases),
             "checks": checks,
-            "sites": [asdict(site) for site in self.decision.sites],
+            # JSON's own types: Airflow's XCom serde would turn a tuple into a {"__classname__": ...} object
+            "sites": json.loads(json.dumps([asdict(site) for site in self.decision.sites])),
             "passed": self.decision.passed,
             "failed": self.decision.failed,
             "awaiting_approval": self.decision.passed and not self.promoted,
