@@ -44,17 +44,18 @@ def free_ports() -> tuple[int, int]:
 OPENED_GATE = {"nucleus_enrichment_min": 0.0}
 
 
-def config_file(path: Path, budget_min: float) -> Path:
-    """leukops.yaml as shipped, the nightly grid on the wbc task with one cell of ``budget_min`` minutes,
-    the gate as shipped but for `OPENED_GATE`."""
+def config_file(path: Path, budget_min: float, warm_start: bool) -> Path:
+    """leukops.yaml as shipped, the nightly grid on the wbc task with one cell of ``budget_min`` minutes
+    (``retrain.warm_start`` as asked), the gate as shipped but for `OPENED_GATE`."""
     config = yaml.safe_load((REPO_ROOT / "leukops.yaml").read_text())
-    config["retrain"] |= {"tasks": [TASK], "augmentations": ["none"], "time_budget_min": budget_min}
+    grid = {"tasks": [TASK], "augmentations": ["none"], "time_budget_min": budget_min, "warm_start": warm_start}
+    config["retrain"] |= grid
     config["gate"] |= OPENED_GATE
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def environment(state: Path, budget_min: float) -> dict[str, str]:
+def environment(state: Path, budget_min: float, warm_start: bool) -> dict[str, str]:
     s3_port, mlflow_port = free_ports()
     return {
         "LEUKOPS_PROFILE": "dev",
@@ -64,7 +65,7 @@ def environment(state: Path, budget_min: float) -> dict[str, str]:
         "LEUKOPS_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "LEUKOPS_AIRFLOW_URL": f"http://127.0.0.1:{mlflow_port + 1}",
-        "LEUKOPS_CONFIG_FILE": str(config_file(state / "leukops.yaml", budget_min)),
+        "LEUKOPS_CONFIG_FILE": str(config_file(state / "leukops.yaml", budget_min, warm_start)),
         "LEUKOPS_REGISTERED_MODEL_PREFIX": "newlab",
         "HF_HUB_OFFLINE": "1",
     }
@@ -74,10 +75,10 @@ def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
-def run(budget_min: float, json_out: Path | None) -> None:
+def run(budget_min: float, warm_start: bool, json_out: Path | None) -> None:
     state = Path(tempfile.mkdtemp(prefix="leukops-bench-newlab-"))
     state.chmod(0o755)  # Postgres runs as its own user when we are root
-    os.environ.update(environment(state, budget_min))  # the Airflow components inherit these settings
+    os.environ.update(environment(state, budget_min, warm_start))  # the Airflow components inherit these settings
     get_settings.cache_clear()
     settings = get_settings()
     stack = LocalStack(settings)

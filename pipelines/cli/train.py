@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="draw weight n_site^-X across the snapshot's sources (0 = off, 1 = sites equal)"
         + SETTING.format("site_balance"),
     )
+    train.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from the task's @champion when it is the same network" + SETTING.format("warm_start"),
+    )
     train.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
 
 
@@ -89,6 +95,7 @@ def _train(args: argparse.Namespace) -> Output:
             "stain_normalize": args.stain_normalize,
         },
         site_balance=args.site_balance,
+        warm_start=args.warm_start,
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,

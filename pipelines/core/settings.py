@@ -166,6 +166,9 @@ class RetrainConfig(BaseModel):
     # sources of unequal size (a new lab's 50 images beside 1,300 of the first lab): training draws each
     # image with weight n_site^-site_balance (0 = plain shuffle, 0.5 = square root, 1 = each site equally)
     site_balance: float = 0.5
+    # start each candidate from the task's @champion when it is the same network (backbone, size, classes):
+    # a retrain on a grown dataset fine-tunes the serving model instead of restarting from ImageNet
+    warm_start: bool = False
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1

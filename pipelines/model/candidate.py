@@ -70,6 +70,7 @@ class CandidateSpec:
     stain_normalize: str = "none"  # a normaliser fitted on the train split, saved in the preprocessing
     stain_reference_images: int = 32
     site_balance: float = 0.5  # training draws an image with weight n_site^-site_balance (data.datasets)
+    warm_start: bool = False  # start from the task's @champion when it is the same network (`champion_start`)
 
 
 def train_config(retrain: RetrainConfig, **overrides: Any) -> TrainConfig:
@@ -161,6 +162,7 @@ def prepare_run(
     """Load the snapshot, fill the local image cache, then `build_run` on it."""
     from pipelines.data.snapshot import load_snapshot
     from pipelines.io.storage import ObjectStore
+    from pipelines.model.warm_start import WARM_START_TAG, champion_start
 
     check_request(spec, config)
     store = ObjectStore.from_settings(settings)
@@ -168,7 +170,9 @@ def prepare_run(
     frame = limit_rows(snapshot.frame, spec.max_images)
     frame = frame.assign(path=fill_cache(store, frame, Path(settings.state_dir) / "cache"))
     dataset_uri = store.uri(layout.dataset_key(spec.task, snapshot.version))
-    return build_run(spec, config, frame, snapshot.version, dataset_uri, extra_tags)
+    start = champion_start(settings, spec) if spec.warm_start else None
+    tags = dict(extra_tags or {}) | ({WARM_START_TAG: start.label} if start else {})
+    return build_run(spec, config, frame, snapshot.version, dataset_uri, tags, start.state if start else None)
 
 
 def build_run(
@@ -178,9 +182,11 @@ def build_run(
     dataset_version: str,
     dataset_uri: str,
     extra_tags: dict[str, str] | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> PreparedRun:
     """The backbone, preprocessing, augmentation and loaders for ``frame`` (rows with a local ``path``, a
-    ``label`` and a ``split``); no S3, no MLflow: the benchmark calls it on a folder's images."""
+    ``label`` and a ``split``); no S3, no MLflow: the benchmark calls it on a folder's images.
+    ``initial_state``: weights to start from instead of the backbone's (ImageNet) ones."""
     from pipelines.model.augment import build_augmentation
     from pipelines.model.backbones import create_backbone
     from pipelines.model.preprocess import preprocessing_from, with_stain_normalizer
@@ -189,6 +195,8 @@ def build_run(
     classes = get_task(spec.task).classes
     seed_everything(config.seed)
     backbone = create_backbone(spec.backbone, len(classes), pretrained=True, image_size=spec.image_size)
+    if initial_state is not None:
+        backbone.model.load_state_dict(initial_state)
     preprocessing = with_stain_normalizer(
         preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner),
         spec.stain_normalize,
@@ -407,6 +415,7 @@ def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: 
         "batch_size": retrain.batch_size,
         "tta": tuple(retrain.tta),
         "site_balance": retrain.site_balance,
+        "warm_start": retrain.warm_start,
         **{name: getattr(retrain, name) for name in STAIN_OPTIONS},
     }
     given = {k: v for k, v in options.items() if v is not None}
@@ -428,6 +437,7 @@ def train_candidate(
     extra_tags: dict[str, str] | None = None,
     stain: dict[str, Any] | None = None,
     site_balance: float | None = None,
+    warm_start: bool | None = None,
     **train_options: Any,
 ) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
@@ -446,6 +456,7 @@ def train_candidate(
         mask_corner=mask_corner,
         device=device,
         site_balance=site_balance,
+        warm_start=warm_start,
         **(stain or {}),
     )
     config = train_config(settings.retrain, **train_options)

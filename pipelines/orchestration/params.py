@@ -53,6 +53,7 @@ RETRAIN_OVERRIDES: dict[str, Param] = {
     "site_balance": _optional(
         "number", "draw weight n_site^-x across sources (0 = off, 1 = sites equal)", minimum=0, maximum=1
     ),
+    "warm_start": _optional("boolean", "start from the @champion's weights when it is the same network"),
     "explain_samples": _optional("integer", "test images for Grad-CAM + shortcut test", minimum=1, maximum=5000),
     "explain_lime_images": _optional("integer", "test images explained with LIME", minimum=0, maximum=500),
 }
