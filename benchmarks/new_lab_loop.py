@@ -105,7 +105,9 @@ def report(result: dict) -> None:
     print(f"retrain request: {result['retrain_request']['message']}; retrain run type {result['retrain_run_type']}")
     for when in ("champion_before", "champion_after"):
         outcome = result[when]
-        print(f"\n{when}: v{outcome['version']} promoted={outcome['promoted']} (run {outcome['selected_run_id']})")
+        gated = outcome.get("chosen") or {}
+        verdict = "promoted @champion" if outcome["promoted"] else f"refused: {', '.join(gated.get('failed', []))}"
+        print(f"\n{when}: v{gated.get('version')} (run {gated.get('run_id')}) {verdict}")
         print(render_sites(outcome))
         chosen = outcome.get("chosen") or {}
         opened = [c for c in chosen.get("checks", []) if c["name"] in ("nucleus_enrichment", "shortcut_flip_rate")]
