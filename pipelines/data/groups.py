@@ -33,6 +33,7 @@ from pipelines.core.errors import LeukopsError
 GROUP_KINDS = ("patient", "source")
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARES = (0.8, 0.1, 0.1)
+SPLIT_SHARES = dict(zip(SPLITS, DEFAULT_SHARES, strict=True))
 REGEX_PREFIX = "regex:"
 BLOCK_GROUP = "key"
 
@@ -97,7 +98,7 @@ class GroupSpec:
 
     @property
     def shares(self) -> dict[str, float]:
-        return dict(zip(SPLITS, self.split or DEFAULT_SHARES, strict=True))
+        return shares_of(self.split)
 
     @property
     def spec(self) -> str:
@@ -136,8 +137,12 @@ class GroupSpec:
 
 def shares_of_spec(spec: str | None) -> dict[str, float]:
     """The split shares a ledger row's recorded grouping (`GroupSpec.spec`) asks for; 80/10/10 if none."""
-    recorded = json.loads(spec).get("split") if isinstance(spec, str) and spec else None
-    return dict(zip(SPLITS, recorded or DEFAULT_SHARES, strict=True))
+    return shares_of(json.loads(spec).get("split") if isinstance(spec, str) and spec else None)
+
+
+def shares_of(split) -> dict[str, float]:
+    """split name → share of a (train, val, test) sequence; None = 80/10/10."""
+    return dict(zip(SPLITS, split, strict=True)) if split else dict(SPLIT_SHARES)
 
 
 def preview(spec: GroupSpec, paths: list[str], examples: int = 5) -> dict:

@@ -29,15 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.data.groups import shares_of_spec
+from pipelines.data.groups import SPLIT_SHARES, SPLITS, shares_of_spec
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from pipelines.data.groups import GroupSpec
 
-SPLITS = ("train", "val", "test")
-SPLIT_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
 NEAR_DUPLICATE_BITS = 6  # pHash Hamming distance; unrelated smear fields measured ≥ 12 apart
 LEDGER_COLUMNS = (
     "sha256",

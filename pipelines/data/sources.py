@@ -89,7 +89,12 @@ class Source:
         shares = self.split_shares
         if shares is not None and (not isinstance(shares, dict) or set(shares) != set(SPLITS)):
             raise GroupSpecError(f"split_shares {shares!r} must map each of {', '.join(SPLITS)} to a share")
-        split = tuple(float(shares[s]) for s in SPLITS) if shares is not None else None
+        try:
+            split = tuple(float(shares[s]) for s in SPLITS) if shares is not None else None
+        except (TypeError, ValueError):
+            raise GroupSpecError(
+                f"split_shares {shares!r} must be numbers, e.g. {{train: 0.5, val: 0.1, test: 0.4}}"
+            ) from None
         return GroupSpec(self.group_by, self.group_block, split)
 
     @property

@@ -98,3 +98,9 @@ def test_split_shares_in_a_source_file_name_the_file_and_round_trip() -> None:
     import yaml
 
     assert source_from_mapping(yaml.safe_load(source.to_yaml()), "x.yaml") == source
+
+
+def test_split_shares_that_are_not_numbers_name_the_file() -> None:
+    data = {"name": "lab", "location": "/d", "layout": "folders", "tasks": ["wbc"]}
+    with pytest.raises(SourceError, match=r"lab\.yaml: split_shares .* must be numbers"):
+        source_from_mapping(data | {"split_shares": {"train": "half", "val": 0.1, "test": 0.4}}, "sources/lab.yaml")
