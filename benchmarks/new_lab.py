@@ -147,6 +147,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--augment", help="default: settings.retrain.augmentations[0]")
     parser.add_argument("--image-size", type=int, help="default: settings.retrain.image_size")
+    parser.add_argument("--cell-crop", type=float, help="cell-centred crop scale (default: settings)")
     parser.add_argument("--epochs", type=int, help="most epochs of each training (default: settings)")
     parser.add_argument("--test-share", type=float, default=0.5, help="the new lab's share held out for test")
     parser.add_argument("--seed", type=int, default=0)
@@ -174,7 +175,9 @@ def main() -> None:
 
         return run(args.budget_min, args.warm_start, args.json_out)
     retrain = get_settings().retrain
-    spec = candidate_spec(retrain, TASK, args.backbone, augment=args.augment, image_size=args.image_size)
+    spec = candidate_spec(
+        retrain, TASK, args.backbone, augment=args.augment, image_size=args.image_size, cell_crop=args.cell_crop
+    )
     config = train_config(retrain, time_budget_min=args.budget_min, seed=args.seed)
     config = replace(config, epochs=args.epochs) if args.epochs else config
     device = pick_device(spec.device)

@@ -15,42 +15,52 @@ import cv2
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
-from pipelines.model.preprocess import DEFAULT_ROI_THRESHOLD, roi_crop
+from pipelines.model.cell_crop import cell_square
+from pipelines.model.preprocess import CELL_CROP_KEY, DEFAULT_ROI_THRESHOLD, roi_crop
 from pipelines.trust.gradcam import gradcam, heat_overlay
 from pipelines.trust.localization import flat_metrics, localization_report
-from pipelines.trust.segmentation import foreground_mask, nucleus_mask
+from pipelines.trust.segmentation import foreground_mask, leukocyte_mask, nucleus_mask
 from serving.model import ServedModel
 
 EXPLAIN_MAX_SIDE = 1024  # overlays of larger uploads are returned downscaled (width/height say to what)
 
 
 def roi_box(rgb: np.ndarray, preprocessing: dict) -> tuple[int, int, int, int]:
-    """(y, x, h, w) of the region the model saw: the ROI crop of ``preprocess`` (whole image without it).
+    """(y, x, h, w) of the region the model saw: the ROI crop of ``preprocess`` (whole image without it), then
+    its cell-centred square when the model crops to the cell (which may reach past the image: mirrored there).
 
     ``preprocess.roi_crop`` returns a slice (a view) of its input, so the view's offset in memory is
     exactly where the crop starts; this reuses the one ROI function instead of re-deriving its box.
     """
-    if not preprocessing.get("roi_crop"):
-        return 0, 0, rgb.shape[0], rgb.shape[1]
-    rgb = np.ascontiguousarray(rgb)
-    crop = roi_crop(rgb, int(preprocessing.get("roi_threshold", DEFAULT_ROI_THRESHOLD)))
-    offset = byte_bounds(crop)[0] - byte_bounds(rgb)[0]
-    y, rest = divmod(offset, rgb.strides[0])
-    return int(y), int(rest // rgb.strides[1]), crop.shape[0], crop.shape[1]
+    y, x, h, w = 0, 0, rgb.shape[0], rgb.shape[1]
+    crop = rgb
+    if preprocessing.get("roi_crop"):
+        rgb = np.ascontiguousarray(rgb)
+        crop = roi_crop(rgb, int(preprocessing.get("roi_threshold", DEFAULT_ROI_THRESHOLD)))
+        offset = byte_bounds(crop)[0] - byte_bounds(rgb)[0]
+        y, rest = divmod(offset, rgb.strides[0])
+        y, x, h, w = int(y), int(rest // rgb.strides[1]), crop.shape[0], crop.shape[1]
+    square = cell_square(crop, float(preprocessing[CELL_CROP_KEY])) if preprocessing.get(CELL_CROP_KEY) else None
+    if square is None:
+        return y, x, h, w
+    left, top, side = square
+    return y + top, x + left, side, side
 
 
 def heatmap_on_input(heat: np.ndarray, rgb: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """The model-input heatmap mapped back onto the input image's pixel grid (0 outside the ROI crop)."""
+    """The model-input heatmap mapped back onto the input image's pixel grid (0 outside the region it saw)."""
     y, x, h, w = roi_box(rgb, preprocessing)
     on_input = np.zeros(rgb.shape[:2], dtype=np.float32)
-    resized = cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    on_input[y : y + h, x : x + w] = np.clip(resized, 0, None)
+    resized = np.clip(cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), 0, None)
+    top, left = max(0, y), max(0, x)
+    bottom, right = min(rgb.shape[0], y + h), min(rgb.shape[1], x + w)
+    on_input[top:bottom, left:right] = resized[top - y : bottom - y, left - x : right - x]
     return on_input
 
 
 def localization_figures(rgb: np.ndarray, heat: np.ndarray) -> dict[str, float]:
-    """Nucleus / background / corner masses, area shares and enrichments, pointing game, rank accuracy."""
-    report = localization_report(heat, nucleus_mask(rgb), foreground_mask(rgb))
+    """Nucleus / cell / background / corner masses, area shares and enrichments, pointing game, rank accuracy."""
+    report = localization_report(heat, nucleus_mask(rgb), foreground_mask(rgb), cell_mask=leukocyte_mask(rgb))
     return flat_metrics(report, "")
 
 

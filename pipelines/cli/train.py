@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="stain normaliser fitted on the training split, saved with the model" + SETTING.format("stain_normalize"),
     )
     train.add_argument(
+        "--cell-crop",
+        type=float,
+        help="crop to the central cell, SCALE x its nucleus (0 = the whole image)" + SETTING.format("cell_crop[task]"),
+    )
+    train.add_argument(
         "--site-balance",
         type=float,
         help="draw weight n_site^-X across the snapshot's sources (0 = off, 1 = sites equal)"
@@ -96,6 +101,7 @@ def _train(args: argparse.Namespace) -> Output:
         },
         site_balance=args.site_balance,
         warm_start=args.warm_start,
+        cell_crop=args.cell_crop,
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,

@@ -93,6 +93,13 @@ class GateThresholds(BaseModel):
     class_recall_min: float | None = None  # set: overrides floors.<task>.class_recall_min of every task
     non_inferiority_margin: float = 0.02  # macro-F1 the candidate may lose to @champion (paired lower bound)
     nucleus_enrichment_min: float = 1.2
+    # where Grad-CAM must concentrate, per task (else "default"): the nucleus for the leukaemia tasks (blast vs
+    # haematogone is a chromatin call); the whole leukocyte where classes differ in cytoplasm and granules too
+    # (eosinophil, basophil) or have no nucleus (platelet), judged against cell_enrichment_min
+    evidence_region: dict[str, Literal["nucleus", "cell"]] = Field(
+        default_factory=lambda: {"default": "nucleus", "wbc": "cell"}
+    )
+    cell_enrichment_min: float = 1.2
     shortcut_flip_rate_max: float = 0.10  # ceiling on the one-sided upper bound of the flip rate
     lime_agreement_min: float | None = None
     holdout_macro_f1_min: float | None = None  # set: floor on every holdout source's macro-F1 lower bound
@@ -104,6 +111,10 @@ class GateThresholds(BaseModel):
     bootstrap_resamples: int = 2000  # paired bootstrap of the macro-F1 (difference), fixed seed
     bootstrap_seed: int = 0
     shortcut_images: int = 300  # test images the shortcut test intervenes on (fewer if the split is smaller)
+
+    def evidence_region_of(self, task: str) -> str:
+        """The region ``task``'s Grad-CAM enrichment is judged on: its entry, else default, else nucleus."""
+        return self.evidence_region.get(task, self.evidence_region.get("default", "nucleus"))
 
     def task_floors(self, task: str) -> tuple[float, float]:
         """(macro-F1 floor, class-recall floor) of ``task``: the override, else its entry, else default."""
@@ -169,6 +180,9 @@ class RetrainConfig(BaseModel):
     # start each candidate from the task's @champion when it is the same network (backbone, size, classes):
     # a retrain on a grown dataset fine-tunes the serving model instead of restarting from ImageNet
     warm_start: bool = False
+    # tasks whose images are single-cell crops, and the scale of their cell-centred crop (model.cell_crop):
+    # every lab's magnification maps onto one cell size; fields of many cells (the ALL sets) stay whole
+    cell_crop: dict[str, float] = Field(default_factory=lambda: {"wbc": 2.0})
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1

@@ -63,6 +63,7 @@ class CandidateSpec:
     max_images: int | None = None
     batch_size: int = 32
     mask_corner: bool = False
+    cell_crop: float = 0.0  # > 0: crop to the central cell, that many times its nucleus extent (model.cell_crop)
     device: str | None = None
     tta: tuple[str, ...] = ()  # flip views averaged with the identity at evaluation (pipelines.model.predict)
     stain_augment: str = "none"  # HED jitter in training (pipelines.model.stain)
@@ -198,7 +199,7 @@ def build_run(
     if initial_state is not None:
         backbone.model.load_state_dict(initial_state)
     preprocessing = with_stain_normalizer(
-        preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner),
+        preprocessing_from(backbone.data_config, mask_corner=spec.mask_corner, cell_crop=spec.cell_crop),
         spec.stain_normalize,
         list(split_rows(frame, "train")["path"]),
         spec.stain_reference_images,
@@ -406,8 +407,8 @@ STAIN_OPTIONS = ("stain_augment", "stain_strength", "stain_normalize", "stain_re
 
 
 def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: Any) -> CandidateSpec:
-    """A `CandidateSpec` whose options left None (augment, image_size, max_images, batch_size) come from
-    ``settings.retrain`` (augment: the grid's first augmentation)."""
+    """A `CandidateSpec` whose options left None (augment, image_size, max_images, batch_size, ...) come from
+    ``settings.retrain`` (augment: the grid's first augmentation; cell_crop: the task's entry, else off)."""
     defaults = {
         "augment": retrain.augmentations[0],
         "image_size": retrain.image_size,
@@ -416,6 +417,7 @@ def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: 
         "tta": tuple(retrain.tta),
         "site_balance": retrain.site_balance,
         "warm_start": retrain.warm_start,
+        "cell_crop": retrain.cell_crop.get(task, 0.0),
         **{name: getattr(retrain, name) for name in STAIN_OPTIONS},
     }
     given = {k: v for k, v in options.items() if v is not None}
@@ -438,6 +440,7 @@ def train_candidate(
     stain: dict[str, Any] | None = None,
     site_balance: float | None = None,
     warm_start: bool | None = None,
+    cell_crop: float | None = None,
     **train_options: Any,
 ) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
@@ -457,6 +460,7 @@ def train_candidate(
         device=device,
         site_balance=site_balance,
         warm_start=warm_start,
+        cell_crop=cell_crop,
         **(stain or {}),
     )
     config = train_config(settings.retrain, **train_options)

@@ -2,7 +2,9 @@
 
 Per image: ROI crop (bounding box of the largest contour of the "not black" mask: drops black borders and
 margins, a no-op without them) → optional bottom-right corner mask (the scale-bar label of the ALL set,
-filled with the normalisation mean so it becomes 0 after normalising) → resize to the model's input size with
+filled with the normalisation mean so it becomes 0 after normalising) → optional cell-centred crop
+(``cell_crop``: a square around the central nucleus, that many times its extent, `pipelines.model.cell_crop`,
+so every lab's magnification maps onto one scale) → resize to the model's input size with
 its interpolation → optional stain normalisation (``stain_normalizer``: a `pipelines.model.stain`
 normaliser fitted on the training split's reference images by `with_stain_normalizer`; after the resize,
 where it costs ~3 ms an image instead of ~23 ms at 360 px; the corner mask is laid again after it so the
@@ -27,6 +29,7 @@ from timm.data.transforms import str_to_pil_interp
 from pipelines.core.corners import CORNER_HEIGHT_SHARE, CORNER_WIDTH_SHARE
 from pipelines.core.errors import LeukopsError
 from pipelines.data.imagefacts import ImageDecodeError, decode_image
+from pipelines.model.cell_crop import cell_crop
 from pipelines.model.stain import StainError, StainNormalizer, fit_normalizer, normalize_stain, reference_sample
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ MIN_ROI_AREA_FRACTION = 0.05  # a smaller "largest contour" is noise, not the fi
 
 REQUIRED_KEYS = ("input_size", "mean", "std", "interpolation", "roi_crop", "mask_corner", "corner_box")
 
+CELL_CROP_KEY = "cell_crop"  # absent: no cell-centred crop (every model before it)
 STAIN_KEY = "stain_normalizer"  # absent or None: no stain normalisation (every model before it)
 
 PilTransform = Callable[[Image.Image], Image.Image]
@@ -55,8 +59,10 @@ def preprocessing_from(
     roi_threshold: int = DEFAULT_ROI_THRESHOLD,
     mask_corner: bool = False,
     corner_box: Sequence[float] = DEFAULT_CORNER_BOX,
+    cell_crop: float = 0.0,
 ) -> dict[str, Any]:
-    """The preprocessing dict for a model whose timm data config is `data_config` (see `Backbone`)."""
+    """The preprocessing dict for a model whose timm data config is `data_config` (see `Backbone`);
+    ``cell_crop`` > 0: crop to the central cell, that many times its nucleus extent (`model.cell_crop`)."""
     try:
         channels, height, width = (int(v) for v in data_config["input_size"])
         mean = [float(v) for v in data_config["mean"]]
@@ -79,6 +85,8 @@ def preprocessing_from(
         "corner_box": box,
         "corner_fill": [round(255 * m) for m in mean],
     }
+    if cell_crop:
+        preprocessing[CELL_CROP_KEY] = float(cell_crop)
     _check(preprocessing)
     return preprocessing
 
@@ -115,6 +123,9 @@ def prepare_image(rgb: np.ndarray, preprocessing: dict[str, Any]) -> Image.Image
         rgb = roi_crop(rgb, int(preprocessing.get("roi_threshold", DEFAULT_ROI_THRESHOLD)))
     if preprocessing["mask_corner"]:
         rgb = mask_corner(rgb, preprocessing["corner_box"], preprocessing.get("corner_fill", (124, 116, 104)))
+    cropped_to_cell = bool(preprocessing.get(CELL_CROP_KEY))
+    if cropped_to_cell:  # after the corner mask: the label box is a corner of the image, not of the crop
+        rgb = cell_crop(rgb, float(preprocessing[CELL_CROP_KEY]))
     _, height, width = preprocessing["input_size"]
     image = Image.fromarray(np.ascontiguousarray(rgb))
     image = image.resize((width, height), str_to_pil_interp(preprocessing["interpolation"]))
@@ -122,7 +133,7 @@ def prepare_image(rgb: np.ndarray, preprocessing: dict[str, Any]) -> Image.Image
     if normalizer is None:
         return image
     normalised = normalize_stain(np.asarray(image), normalizer)
-    if preprocessing["mask_corner"]:
+    if preprocessing["mask_corner"] and not cropped_to_cell:
         fill = preprocessing.get("corner_fill", (124, 116, 104))
         normalised = mask_corner(normalised, preprocessing["corner_box"], fill)
     return Image.fromarray(normalised)
@@ -221,6 +232,9 @@ def _check(preprocessing: dict[str, Any]) -> None:
     if len(preprocessing["input_size"]) != 3 or int(preprocessing["input_size"][0]) != 3:
         size = preprocessing["input_size"]
         raise PreprocessError(f"preprocessing input_size must be [3, H, W], got {size}")
+    scale = preprocessing.get(CELL_CROP_KEY)
+    if scale is not None and not (isinstance(scale, int | float) and 1 <= scale <= 10):
+        raise PreprocessError(f"preprocessing {CELL_CROP_KEY} must be a scale from 1 to 10, got {scale!r}")
     try:
         stain_normalizer_of(preprocessing)
     except StainError as error:

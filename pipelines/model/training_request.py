@@ -31,6 +31,10 @@ def check_request(spec: CandidateSpec, config: TrainConfig) -> None:
         raise TrainingInputError(
             f"site_balance must be within [0, 1] (0 = off, 1 = sites equal), got {spec.site_balance}"
         )
+    if spec.cell_crop and not 1 <= spec.cell_crop <= 10:
+        raise TrainingInputError(
+            f"cell_crop must be 0 (the whole image) or a scale from 1 to 10 (x the nucleus), got {spec.cell_crop}"
+        )
     for name, value in (("epochs", config.epochs), ("batch_size", spec.batch_size)):
         if value < 1:
             raise TrainingInputError(f"{name} must be >= 1, got {value}")

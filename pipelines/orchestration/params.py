@@ -63,6 +63,7 @@ GATE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "class_recall_min": (0.0, 1.0),
     "non_inferiority_margin": (0.0, 1.0),
     "nucleus_enrichment_min": (0.0, None),
+    "cell_enrichment_min": (0.0, None),
     "shortcut_flip_rate_max": (0.0, 1.0),
     "lime_agreement_min": (0.0, 1.0),
     "holdout_macro_f1_min": (0.0, 1.0),

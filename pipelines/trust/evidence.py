@@ -63,6 +63,7 @@ def candidate_metrics(
         test=test,
         val_macro_f1=run.metrics.get("val_macro_f1"),
         nucleus_enrichment=run.metrics.get("gradcam_nucleus_enrichment"),
+        cell_enrichment=run.metrics.get("gradcam_cell_enrichment"),
         explain_images=_count(run, "gradcam_n_images"),
         artefact_mass=run.metrics.get("gradcam_artefact_mass"),
         shortcut_flips=_count(run, "shortcut_flips"),

@@ -155,10 +155,13 @@ def explain_images(
 def _gradcam_localization(heat: np.ndarray, inputs: list[np.ndarray], labels: Sequence[str]) -> tuple[dict, dict]:
     """Localization figures per class and overall (masks segmented on the model's input images)."""
     from pipelines.trust.localization import aggregate_reports, localization_report
-    from pipelines.trust.segmentation import foreground_mask, nucleus_mask
+    from pipelines.trust.segmentation import foreground_mask, leukocyte_mask, nucleus_mask
 
     nuclei = [nucleus_mask(rgb) for rgb in inputs]
-    reports = [localization_report(h, n, foreground_mask(rgb)) for h, n, rgb in zip(heat, nuclei, inputs, strict=True)]
+    reports = [
+        localization_report(h, n, foreground_mask(rgb), cell_mask=leukocyte_mask(rgb))
+        for h, n, rgb in zip(heat, nuclei, inputs, strict=True)
+    ]
     segmentation_summary = {
         "nucleus_area_share": float(np.mean([n.mean() for n in nuclei])),
         "images_without_nucleus": int(sum(not n.any() for n in nuclei)),
@@ -181,6 +184,8 @@ def _headline(summary: dict) -> dict:
         "n": summary["n"],
         "nucleus_mass": summary["nucleus"]["mass"],
         "nucleus_enrichment": summary["nucleus"]["enrichment"],
+        "cell_mass": summary["cell"]["mass"],
+        "cell_enrichment": summary["cell"]["enrichment"],
         "pointing_game": summary["pointing_game"],
         "rank_accuracy": summary["rank_accuracy"],
         "artefact_mass": summary["artefact"]["mass"],

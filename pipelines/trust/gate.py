@@ -13,7 +13,8 @@ is judged on a one-sided bound at ``thresholds.confidence`` (95%), never on a po
 - per site of the test split (`pipelines.trust.sites`): each site's macro-F1 lower bound (the worst site
   decides) and its paired non-inferiority vs the champion; sites under ``min_check_images`` are reported,
   not gated; the report has a per-site table;
-- Grad-CAM nucleus enrichment (and the optional LIME agreement): the sample mean.
+- Grad-CAM enrichment of the task's evidence region (the nucleus, or the whole leukocyte for single-cell
+  tasks: ``evidence_region``) and the optional LIME agreement: the sample mean.
 
 Each check says how many images it rests on; fewer than ``min_check_images`` is "insufficient evidence"
 and fails, as does a metric that was never measured. Bounds are inclusive (MLflow's ``MetricThreshold``).
@@ -116,6 +117,7 @@ class CandidateMetrics:
     test: SplitPredictions | None = None
     val_macro_f1: float | None = None
     nucleus_enrichment: float | None = None
+    cell_enrichment: float | None = None  # the central leukocyte's (the evidence region of single-cell tasks)
     explain_images: int | None = None  # images the Grad-CAM figures average over
     artefact_mass: float | None = None
     shortcut_flips: int | None = None  # flipped predictions under the worst intervention ...
@@ -246,19 +248,23 @@ def _holdout_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
     ]
 
 
+def _evidence_check(cand: CandidateMetrics, t: GateThresholds) -> Check:
+    """Grad-CAM enrichment of the task's evidence region (`GateThresholds.evidence_region_of`)."""
+    region = t.evidence_region_of(cand.task)
+    value, floor = (
+        (cand.cell_enrichment, t.cell_enrichment_min)
+        if region == "cell"
+        else (cand.nucleus_enrichment, t.nucleus_enrichment_min)
+    )
+    name, label = f"{region}_enrichment", f"Grad-CAM {region} enrichment"
+    return judge(Claim(name, label, value, value, cand.explain_images, "sample mean"), floor, t, floor=True)
+
+
 def _value_checks(cand: CandidateMetrics, t: GateThresholds) -> list[Check]:
     f1_floor, recall_floor = t.task_floors(cand.task)
     checks = [judge(_macro_f1_claim(cand, t), f1_floor, t, floor=True)]
     checks += [judge(claim, recall_floor, t, floor=True) for claim in _recall_claims(cand, t)]
-    enrichment = Claim(
-        "nucleus_enrichment",
-        "Grad-CAM nucleus enrichment",
-        cand.nucleus_enrichment,
-        cand.nucleus_enrichment,
-        cand.explain_images,
-        "sample mean",
-    )
-    checks.append(judge(enrichment, t.nucleus_enrichment_min, t, floor=True))
+    checks.append(_evidence_check(cand, t))
     checks.append(_shortcut_check(cand, t))
     if t.lime_agreement_min is not None:
         lime = Claim(

@@ -100,17 +100,19 @@ def localization_report(
     nucleus_mask: np.ndarray,
     foreground_mask: np.ndarray,
     boxes: Mapping[str, Box] | None = None,
+    cell_mask: np.ndarray | None = None,
 ) -> dict:
     """Every localization figure of one heatmap (HxW; masks of the same shape).
 
-    Regions: ``nucleus``; ``background`` (no cell: not foreground); ``corner`` (the label box,
-    ``boxes[LABEL_CORNER]``, default ``corner_boxes(h, w)``); ``other_corners`` (the three other
-    corner boxes, a control: a label shortcut shows as corner enrichment well above theirs);
-    ``artefact`` (background or label corner: regions that hold no cell evidence). Each as
-    {mass, area_share, enrichment};
-    plus ``pointing_game`` and ``rank_accuracy`` for the nucleus.
+    Regions: ``nucleus``; ``cell`` (the central leukocyte, nucleus and cytoplasm, when ``cell_mask`` is
+    given: the evidence region of tasks whose classes differ in cytoplasm too); ``background`` (no cell:
+    not foreground); ``corner`` (the label box, ``boxes[LABEL_CORNER]``, default ``corner_boxes(h, w)``);
+    ``other_corners`` (the three other corner boxes, a control: a label shortcut shows as corner enrichment
+    well above theirs); ``artefact`` (background or label corner: regions that hold no cell evidence).
+    Each as {mass, area_share, enrichment}; plus ``pointing_game`` and ``rank_accuracy`` for the nucleus.
     """
-    heatmap = _check_inputs(heatmap, nucleus_mask=nucleus_mask, foreground_mask=foreground_mask)
+    cells = {} if cell_mask is None else {"cell_mask": cell_mask}
+    heatmap = _check_inputs(heatmap, nucleus_mask=nucleus_mask, foreground_mask=foreground_mask, **cells)
     h, w = heatmap.shape
     boxes = dict(boxes) if boxes is not None else corner_boxes(h, w)
     if LABEL_CORNER not in boxes:
@@ -122,7 +124,7 @@ def localization_report(
     for name, box in boxes.items():
         if name != LABEL_CORNER:
             other_corners |= box_mask(h, w, box)
-    return {
+    report = {
         "nucleus": region_score(heatmap, nucleus),
         "background": region_score(heatmap, background),
         "corner": region_score(heatmap, corner),
@@ -131,9 +133,12 @@ def localization_report(
         "pointing_game": pointing_game(heatmap, nucleus) if nucleus.any() else None,
         "rank_accuracy": relevance_rank_accuracy(heatmap, nucleus),
     }
+    if cell_mask is not None:
+        report["cell"] = region_score(heatmap, np.asarray(cell_mask, bool))
+    return report
 
 
-REGIONS = ("nucleus", "background", "corner", "other_corners", "artefact")
+REGIONS = ("nucleus", "cell", "background", "corner", "other_corners", "artefact")  # "cell": when given
 SCALARS = ("pointing_game", "rank_accuracy")
 
 
@@ -144,7 +149,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 def _summarise(reports: list[dict]) -> dict:
     summary: dict = {"n": len(reports)}
-    for region in REGIONS:
+    for region in (region for region in REGIONS if all(region in r for r in reports)):
         mass = _mean(r[region]["mass"] for r in reports)
         area = _mean(r[region]["area_share"] for r in reports)
         # Ratio of means, not mean of ratios: a few tiny regions must not dominate the enrichment.
@@ -172,7 +177,7 @@ def flat_metrics(summary: dict, prefix: str) -> dict[str, float]:
     """One summary (e.g. ``aggregate["overall"]``) as flat MLflow metrics: ``<prefix><region>_mass``,
     ``_area_share``, ``_enrichment``, ``<prefix>pointing_game``, ``<prefix>rank_accuracy``; None dropped."""
     flat = {}
-    for region in REGIONS:
+    for region in (region for region in REGIONS if region in summary):
         for key, value in summary[region].items():
             flat[f"{prefix}{region}_{key}"] = value
     for name in SCALARS:

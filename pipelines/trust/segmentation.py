@@ -40,6 +40,8 @@ MIN_CELL_AREA_SHARE = 0.001
 # median elsewhere (it transmits >=22% more blue relative to green). Measured: nuclei 0.27-1.55 above
 # (CellaVision, PBC, ALL fields); red-cell-only fields 0.07-0.14, where Otsu would split the red cells.
 MIN_PURPLE_CONTRAST = 0.2
+LOBE_GAP_SHARE = 0.04  # nucleus parts closer than 4% of the image side are lobes of one nucleus
+CYTOPLASM_GROWTH = 0.35  # the cell: the nucleus hull grown by 35% of its extent (best Dice of 0, 0.2, 0.35, 0.5)
 
 
 class SegmentationError(LeukopsError, ValueError):
@@ -107,6 +109,37 @@ def nucleus_mask(rgb: np.ndarray) -> np.ndarray:
     if keep.any():
         keep &= areas >= MIN_SHARE_OF_LARGEST * areas[keep].max()
     return np.isin(labels, ids[keep])
+
+
+def central_nucleus(nuclei: np.ndarray) -> np.ndarray:
+    """The nucleus of ``nuclei`` (a `nucleus_mask`) nearest the image centre, its lobes included (parts closer
+    than ``LOBE_GAP_SHARE`` of the side count as one); empty when ``nuclei`` is. Single-cell crops (analysers,
+    atlases) are centred on the cell they show."""
+    if not nuclei.any():
+        return nuclei
+    gap = max(1, round(LOBE_GAP_SHARE * max(nuclei.shape)))
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (gap, gap))
+    labels, count = ndimage.label(cv2.dilate(nuclei.astype(np.uint8), element))
+    ys, xs = np.nonzero(labels)
+    nearest = np.full(count + 1, np.inf)
+    np.minimum.at(nearest, labels[ys, xs], np.hypot(ys - nuclei.shape[0] / 2, xs - nuclei.shape[1] / 2))
+    return nuclei & (labels == int(np.argmin(nearest)))
+
+
+def leukocyte_mask(rgb: np.ndarray) -> np.ndarray:
+    """Boolean HxW mask of the central leukocyte (nucleus and cytoplasm) of a single-cell crop; empty without
+    a nucleus. The cytoplasm is approximated as the nucleus' convex hull grown by ``CYTOPLASM_GROWTH`` of its
+    extent, within the foreground: Dice 0.80 against the 100 expert cell masks of the CellaVision set (0.67
+    for the nucleus alone), since a rim of cytoplasm is what no colour rule separates from touching red cells."""
+    nucleus = central_nucleus(nucleus_mask(rgb))
+    if not nucleus.any():
+        return nucleus
+    ys, xs = np.nonzero(nucleus)
+    hull = np.zeros(nucleus.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32)), 1)
+    grow = max(1, round(CYTOPLASM_GROWTH * (max(np.ptp(xs), np.ptp(ys)) + 1))) | 1
+    cell = cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow, grow))).astype(bool)
+    return cell & foreground_mask(rgb)
 
 
 def foreground_mask(rgb: np.ndarray) -> np.ndarray:
