@@ -146,6 +146,8 @@ def _loaders(spec: CandidateSpec, frame: pd.DataFrame, preprocessing: dict, augm
         rows, train = split_rows(frame, split), split == "train"
         transform = build_transform(preprocessing, augmentation.pil_transform if train else None, train=train)
         dataset = ImageFileDataset(list(rows["path"]), label_indices(list(rows["label"]), classes), transform)
+        if split != "test":  # read every epoch; the test split is read once
+            dataset.keep_prepared()
         weights = site_weights(list(rows["source"]), spec.site_balance) if train and "source" in rows else None
         loaders[split] = make_loader(
             dataset, batch_size=spec.batch_size, train=train, device=device, seed=seed, sample_weights=weights

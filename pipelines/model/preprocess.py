@@ -197,7 +197,20 @@ class ImageTransform:
 
     def __call__(self, image: np.ndarray | Image.Image) -> torch.Tensor:
         rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
-        prepared = prepare_image(rgb, self.preprocessing)
+        return self.finish(self.prepare(rgb))
+
+    def prepare(self, rgb: np.ndarray) -> Image.Image:
+        """The deterministic part (`prepare_image`): what a dataset may compute once and keep."""
+        return prepare_image(rgb, self.preprocessing)
+
+    @property
+    def prepared_bytes(self) -> int:
+        """Bytes of one prepared image (RGB at the input size)."""
+        _, height, width = self.preprocessing["input_size"]
+        return 3 * int(height) * int(width)
+
+    def finish(self, prepared: Image.Image) -> torch.Tensor:
+        """The random part (flips, the augmentation, in training) and the normalisation."""
         if self.train:
             prepared = _random_flips(prepared)
             if self.augmentation is not None:

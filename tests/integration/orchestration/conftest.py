@@ -45,6 +45,7 @@ OPEN_GATE = {
     "macro_f1_min": 0.0,
     "class_recall_min": 0.0,
     "nucleus_enrichment_min": 0.0,
+    "cell_enrichment_min": 0.0,
     "shortcut_flip_rate_max": 1.0,
 }
 

@@ -156,6 +156,29 @@ def test_image_file_dataset_decodes_real_files(tmp_path) -> None:
     assert image.shape == (3, 10, 12) and label == 1 and float(image.mean()) == 40.0
 
 
+def test_kept_prepared_images_are_what_the_files_give_and_need_no_file(shared_data, tmp_path) -> None:
+    from pipelines.model.preprocess import build_transform, preprocessing_from
+
+    config = {"input_size": (3, 48, 48), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    paths = []
+    for i, source in enumerate(sorted((shared_data / "pbc" / "lymphocyte").glob("*.jpg"))[:3]):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(source.read_bytes())
+    transform = build_transform(preprocessing_from(config, cell_crop=2.0), train=False)
+    read_each_time = ImageFileDataset(paths, [0, 1, 2], transform)
+    kept = ImageFileDataset(paths, [0, 1, 2], transform)
+    assert kept.keep_prepared() and kept.prepared[0].shape == (48, 48, 3)
+    expected = [read_each_time[i] for i in range(3)]
+    for path in paths:
+        path.unlink()  # later epochs read no file
+    for i in range(3):
+        assert torch.equal(kept[i][0], expected[i][0]) and kept[i][1] == i
+    too_large = ImageFileDataset(paths, [0, 1, 2], transform)
+    assert not too_large.keep_prepared(max_bytes=2 * 48 * 48 * 3) and too_large.prepared is None
+    plain = ImageFileDataset(paths, [0, 1, 2], lambda rgb: torch.zeros(1))
+    assert not plain.keep_prepared()  # a transform without a deterministic part: read every time
+
+
 def test_limit_rows_keeps_every_split_and_class_deterministically() -> None:
     frame = pd.DataFrame(
         {

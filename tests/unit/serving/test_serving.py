@@ -316,6 +316,18 @@ def test_heatmap_maps_back_onto_the_roi_of_a_bordered_image() -> None:
     assert roi_box(rgb, {"roi_crop": False}) == (0, 0, 100, 160)
 
 
+def test_heatmap_maps_back_onto_the_cell_square_of_a_cell_cropped_model() -> None:
+    rgb = np.full((120, 200, 3), 235, np.uint8)
+    cv2.circle(rgb, (20, 60), 10, (90, 40, 150), -1)  # a purple nucleus near the left edge
+    preprocessing = {"roi_crop": True, "roi_threshold": 20, "cell_crop": 3.0}
+    y, x, h, w = roi_box(rgb, preprocessing)
+    assert h == w and x < 0 < x + w and y < 60 < y + h  # a square around the nucleus, past the left edge
+    heat = heatmap_on_input(np.ones((64, 64), np.float32), rgb, preprocessing)
+    assert heat.shape == (120, 200) and heat[60, 20] == pytest.approx(1.0)
+    assert heat[:, x + w :].sum() == 0 and heat[: max(0, y)].sum() == 0  # nothing outside the square
+    assert np.all(heat[max(0, y) : y + h, : x + w] == pytest.approx(1.0))
+
+
 def test_request_log_rows_follow_the_drift_contract() -> None:
     from datetime import UTC, datetime, timedelta
 

@@ -211,3 +211,18 @@ def test_reports_round_trip_to_json_and_markdown():
     assert "| non_inferiority | change | 300 | -0.1333 |" in md and "**FAIL**" in md
     assert "champion v3" in md and "re-evaluated" in md and "exact McNemar p" in md
     assert "fewer than 30 images is insufficient evidence" in md
+
+
+def test_each_task_is_judged_on_its_evidence_region():
+    """wbc (normal white cells): the whole leukocyte; the leukaemia tasks: the nucleus."""
+    wbc = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+    shipped = GateThresholds(macro_f1_min=0.0, class_recall_min=0.0)
+    cell_only = dict(task="wbc", classes=wbc, test=predictions(classes=wbc), nucleus_enrichment=0.9)
+    checks = by_name(decide(metrics(**cell_only, cell_enrichment=1.6), None, shipped))
+    assert "nucleus_enrichment" not in checks
+    assert checks["cell_enrichment"].passed and checks["cell_enrichment"].value == 1.6
+    assert not by_name(decide(metrics(**cell_only, cell_enrichment=1.1), None, shipped))["cell_enrichment"].passed
+    assert not by_name(decide(metrics(**cell_only), None, shipped))["cell_enrichment"].passed  # never measured
+    nucleus = by_name(decide(metrics(cell_enrichment=0.5), None, shipped))
+    assert "cell_enrichment" not in nucleus and nucleus["nucleus_enrichment"].passed
+    assert shipped.evidence_region_of("five_class") == "nucleus"

@@ -121,3 +121,21 @@ def test_aggregate_per_class_and_overall_then_flat_metrics(masks) -> None:
     json.dumps(aggregate, allow_nan=False)  # JSON-safe: undefined values are None, never NaN
     with pytest.raises(LocalizationInputError):
         aggregate_reports([uniform], [])
+
+
+def test_the_cell_region_is_reported_when_its_mask_is_given(masks) -> None:
+    nucleus, foreground = masks
+    cell = np.zeros_like(nucleus)
+    cell[nucleus.any(axis=1)] = True  # the nucleus' rows: a region holding it
+    on_cell = localization_report(cell.astype(float), nucleus, foreground, cell_mask=cell)
+    assert on_cell["cell"]["mass"] == pytest.approx(1.0)
+    assert on_cell["cell"]["enrichment"] == pytest.approx(1 / cell.mean())
+    without = localization_report(cell.astype(float), nucleus, foreground)
+    assert "cell" not in without
+    assert "gradcam_cell_enrichment" in flat_metrics(aggregate_reports([on_cell], ["a"])["overall"], "gradcam_")
+    # a summary is only as wide as its reports: no cell figure from reports that lack one
+    assert "gradcam_cell_enrichment" not in flat_metrics(
+        aggregate_reports([on_cell, without], ["a", "a"])["overall"], "gradcam_"
+    )
+    with pytest.raises(LocalizationInputError, match="cell_mask"):
+        localization_report(np.ones((H, W)), nucleus, foreground, cell_mask=cell[:-1])
