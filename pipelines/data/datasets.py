@@ -111,7 +111,10 @@ class ImageFileDataset(Dataset):
         prepare, size = getattr(self.transform, "prepare", None), getattr(self.transform, "prepared_bytes", None)
         if prepare is None or size is None or size * len(self) > max_bytes:
             return False
-        self.prepared = [np.asarray(prepare(decode_image(path.read_bytes()).rgb)) for path in self.paths]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decode, OpenCV and PIL free the GIL
+            self.prepared = list(
+                pool.map(lambda path: np.asarray(prepare(decode_image(path.read_bytes()).rgb)), self.paths)
+            )
         return True
 
 
