@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pipelines.core.settings import Settings, get_settings
 from pipelines.core.taxonomy import get_task
 from pipelines.model.preprocess import PreprocessError
+from pipelines.model.segmentation import SegmentationError
 from pipelines.trust.localization import LocalizationInputError
-from pipelines.trust.segmentation import SegmentationError
 from serving.deps import TOKEN_SETTING, Services
 from serving.limits import Admission
 from serving.metrics import MetricsMiddleware, ServingMetrics

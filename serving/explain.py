@@ -17,9 +17,9 @@ from numpy.lib.array_utils import byte_bounds
 
 from pipelines.model.cell_crop import cell_square
 from pipelines.model.preprocess import CELL_CROP_KEY, DEFAULT_ROI_THRESHOLD, roi_crop
+from pipelines.model.segmentation import foreground_mask, leukocyte_mask, nucleus_mask
 from pipelines.trust.gradcam import gradcam, heat_overlay
 from pipelines.trust.localization import flat_metrics, localization_report
-from pipelines.trust.segmentation import foreground_mask, leukocyte_mask, nucleus_mask
 from serving.model import ServedModel
 
 EXPLAIN_MAX_SIDE = 1024  # overlays of larger uploads are returned downscaled (width/height say to what)

@@ -39,7 +39,7 @@ def _synth(args: argparse.Namespace) -> Output:
 
 
 def _segment(args: argparse.Namespace) -> Output:
-    from pipelines.trust.segmentation import score_folder
+    from pipelines.model.segmentation import score_folder
 
     report = score_folder(args.images, args.masks, nucleus_value=args.nucleus_value)
     text = (

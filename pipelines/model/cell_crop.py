@@ -5,7 +5,7 @@ leukocyte about a quarter of the frame wide, a CellaVision-blog crop about half.
 lab learns sizes and textures at that scale and misreads the other (lymphocytes read as monocytes). Cropping
 a square around the cell's nucleus, ``scale`` times the nucleus extent, and resizing it to the input size
 maps every lab onto one scale, where the cell's own morphology (nucleus shape, N:C ratio, granules) is
-what is left to learn. The nucleus comes from the stain-aware segmenter (`trust.segmentation`, Dice 0.97
+what is left to learn. The nucleus comes from the stain-aware segmenter (`model.segmentation`, Dice 0.97
 on expert masks), run on a small copy for speed: the one nearest the image centre with its lobes
 (`central_nucleus`; single-cell crops are centred on their cell). An image without
 a nucleus (a red-cell field, a blank) is returned unchanged, so the crop never fails an image.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipelines.trust.segmentation import central_nucleus, nucleus_mask
+from pipelines.model.segmentation import central_nucleus, nucleus_mask
 
 SEGMENT_SIDE = 160  # px: the nucleus is found on a copy this size (the crop box is scaled back)
 DEFAULT_CELL_SCALE = 2.0  # crop side / nucleus extent: the cell (nucleus ~0.5-0.8 of its width) and a rim

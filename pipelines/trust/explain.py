@@ -154,8 +154,8 @@ def explain_images(
 
 def _gradcam_localization(heat: np.ndarray, inputs: list[np.ndarray], labels: Sequence[str]) -> tuple[dict, dict]:
     """Localization figures per class and overall (masks segmented on the model's input images)."""
+    from pipelines.model.segmentation import foreground_mask, leukocyte_mask, nucleus_mask
     from pipelines.trust.localization import aggregate_reports, localization_report
-    from pipelines.trust.segmentation import foreground_mask, leukocyte_mask, nucleus_mask
 
     nuclei = [nucleus_mask(rgb) for rgb in inputs]
     reports = [
@@ -197,8 +197,8 @@ def _headline(summary: dict) -> dict:
 
 
 def _lime_summary(images: Sequence[np.ndarray], results: dict[int, LimeResult], segmentation: str) -> dict:
+    from pipelines.model.segmentation import nucleus_mask
     from pipelines.trust.localization import region_score
-    from pipelines.trust.segmentation import nucleus_mask
 
     masses = [region_score(r.heatmap(), nucleus_mask(images[i]))["mass"] for i, r in results.items()]
     present = [m for m in masses if m is not None]

@@ -221,7 +221,7 @@ def test_each_task_is_judged_on_its_evidence_region():
     checks = by_name(decide(metrics(**cell_only, cell_enrichment=1.6), None, shipped))
     assert "nucleus_enrichment" not in checks
     assert checks["cell_enrichment"].passed and checks["cell_enrichment"].value == 1.6
-    assert not by_name(decide(metrics(**cell_only, cell_enrichment=1.1), None, shipped))["cell_enrichment"].passed
+    assert not by_name(decide(metrics(**cell_only, cell_enrichment=1.05), None, shipped))["cell_enrichment"].passed
     assert not by_name(decide(metrics(**cell_only), None, shipped))["cell_enrichment"].passed  # never measured
     nucleus = by_name(decide(metrics(cell_enrichment=0.5), None, shipped))
     assert "cell_enrichment" not in nucleus and nucleus["nucleus_enrichment"].passed

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.devstack.synthetic import synth_sample, write_synthetic
-from pipelines.trust.segmentation import (
+from pipelines.model.segmentation import (
     SegmentationError,
     central_nucleus,
     dice,
