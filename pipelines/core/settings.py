@@ -181,7 +181,8 @@ class RetrainConfig(BaseModel):
     # a retrain on a grown dataset fine-tunes the serving model instead of restarting from ImageNet
     warm_start: bool = False
     # tasks whose images are single-cell crops, and the scale of their cell-centred crop (model.cell_crop):
-    # every lab's magnification maps onto one cell size; fields of many cells (the ALL sets) stay whole
+    # every lab's magnification maps onto one cell size; fields of many cells (the ALL sets) stay whole.
+    # 2.0: the square is twice the nucleus, so it holds the cell (nucleus ~0.5-0.8 of its width) and a rim
     cell_crop: dict[str, float] = Field(default_factory=lambda: {"wbc": 2.0})
     explain_samples: int = 32
     explain_lime_images: int = 3

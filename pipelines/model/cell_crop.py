@@ -19,7 +19,6 @@ import numpy as np
 from pipelines.model.segmentation import central_nucleus, nucleus_mask
 
 SEGMENT_SIDE = 160  # px: the nucleus is found on a copy this size (the crop box is scaled back)
-DEFAULT_CELL_SCALE = 2.0  # crop side / nucleus extent: the cell (nucleus ~0.5-0.8 of its width) and a rim
 
 
 def nucleus_box(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -36,7 +35,7 @@ def nucleus_box(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(xs.min() * sx), int(ys.min() * sy), int(np.ceil((xs.max() + 1) * sx)), int(np.ceil((ys.max() + 1) * sy))
 
 
-def cell_square(rgb: np.ndarray, scale: float = DEFAULT_CELL_SCALE) -> tuple[int, int, int] | None:
+def cell_square(rgb: np.ndarray, scale: float) -> tuple[int, int, int] | None:
     """(left, top, side) of the square around the central nucleus, ``scale`` times its larger extent, in
     ``rgb``'s pixels (it may reach past the image); None when no nucleus is found."""
     box = nucleus_box(rgb)
@@ -47,7 +46,7 @@ def cell_square(rgb: np.ndarray, scale: float = DEFAULT_CELL_SCALE) -> tuple[int
     return round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2), side
 
 
-def cell_crop(rgb: np.ndarray, scale: float = DEFAULT_CELL_SCALE) -> np.ndarray:
+def cell_crop(rgb: np.ndarray, scale: float) -> np.ndarray:
     """The `cell_square` of ``rgb`` (mirrored where it reaches past the image); ``rgb`` itself without a nucleus."""
     square = cell_square(rgb, scale)
     if square is None:

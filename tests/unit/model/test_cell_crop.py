@@ -55,7 +55,7 @@ def test_a_cell_at_another_magnification_gives_the_same_crop(shared_data: Path) 
         seen = []
         for factor in (1.0, 2.0, 0.6):
             scaled = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-            seen.append(cv2.resize(cell_crop(scaled), (64, 64), interpolation=cv2.INTER_AREA).astype(float))
+            seen.append(cv2.resize(cell_crop(scaled, 2.0), (64, 64), interpolation=cv2.INTER_AREA).astype(float))
         whole = cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_AREA).astype(float)
         for other in seen[1:]:
             assert np.abs(other - seen[0]).mean() < 0.4 * np.abs(whole - seen[0]).mean(), path
@@ -63,7 +63,7 @@ def test_a_cell_at_another_magnification_gives_the_same_crop(shared_data: Path) 
 
 def test_an_image_without_a_nucleus_is_kept_whole_and_a_square_past_the_edge_is_mirrored() -> None:
     flat = np.full((80, 120, 3), 230, np.uint8)
-    assert cell_crop(flat) is flat
+    assert cell_crop(flat, 2.0) is flat
     rgb = np.full((100, 100, 3), 235, np.uint8)
     cv2.circle(rgb, (12, 50), 10, (90, 40, 150), -1)  # a purple nucleus at the left edge
     left, top, side = cell_square(rgb, 3.0)
