@@ -60,7 +60,8 @@ def heatmap_on_input(heat: np.ndarray, rgb: np.ndarray, preprocessing: dict) -> 
 
 def localization_figures(rgb: np.ndarray, heat: np.ndarray) -> dict[str, float]:
     """Nucleus / cell / background / corner masses, area shares and enrichments, pointing game, rank accuracy."""
-    report = localization_report(heat, nucleus_mask(rgb), foreground_mask(rgb), cell_mask=leukocyte_mask(rgb))
+    nuclei, foreground = nucleus_mask(rgb), foreground_mask(rgb)
+    report = localization_report(heat, nuclei, foreground, cell_mask=leukocyte_mask(rgb, nuclei, foreground))
     return flat_metrics(report, "")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from pipelines.core.errors import LeukopsError
+from pipelines.core.taxonomy import TASKS
 
 DEV_S3_ACCESS_KEY = "leukops-dev"
 DEV_S3_SECRET_KEY = "leukops-dev-secret-not-for-production"  # noqa: S105 - dev profile only
@@ -63,6 +64,14 @@ GENERATE_SECRET = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 class SettingsError(LeukopsError):
     """A required setting is missing or invalid; the message names the variable to set."""
+
+
+def _known_tasks(per_task: dict, setting: str, extra: tuple[str, ...] = ()) -> dict:
+    """``per_task`` unchanged when every key is a task (or one of ``extra``): a misspelt task would be ignored."""
+    unknown = sorted(set(per_task) - set(TASKS) - set(extra))
+    if unknown:
+        raise ValueError(f"{setting} names unknown task(s) {unknown}; known: {', '.join([*extra, *sorted(TASKS)])}")
+    return per_task
 
 
 class TaskFloors(BaseModel):
@@ -100,6 +109,12 @@ class GateThresholds(BaseModel):
         default_factory=lambda: {"default": "nucleus", "wbc": "cell"}
     )
     cell_enrichment_min: float = 1.1  # the cell fills ~half a cell-cropped input: ~2 at most, uniform 1.0
+
+    @field_validator("evidence_region")
+    @classmethod
+    def _evidence_tasks(cls, value: dict) -> dict:
+        return _known_tasks(value, "gate.evidence_region", ("default",))
+
     shortcut_flip_rate_max: float = 0.10  # ceiling on the one-sided upper bound of the flip rate
     lime_agreement_min: float | None = None
     holdout_macro_f1_min: float | None = None  # set: floor on every holdout source's macro-F1 lower bound
@@ -184,6 +199,12 @@ class RetrainConfig(BaseModel):
     # every lab's magnification maps onto one cell size; fields of many cells (the ALL sets) stay whole.
     # 2.0: the square is twice the nucleus, so it holds the cell (nucleus ~0.5-0.8 of its width) and a rim
     cell_crop: dict[str, float] = Field(default_factory=lambda: {"wbc": 2.0})
+
+    @field_validator("cell_crop")
+    @classmethod
+    def _cell_crop_tasks(cls, value: dict) -> dict:
+        return _known_tasks(value, "retrain.cell_crop")
+
     explain_samples: int = 32
     explain_lime_images: int = 3
     gpu_pool_slots: int = 1

@@ -158,9 +158,10 @@ def _gradcam_localization(heat: np.ndarray, inputs: list[np.ndarray], labels: Se
     from pipelines.trust.localization import aggregate_reports, localization_report
 
     nuclei = [nucleus_mask(rgb) for rgb in inputs]
+    foregrounds = [foreground_mask(rgb) for rgb in inputs]
     reports = [
-        localization_report(h, n, foreground_mask(rgb), cell_mask=leukocyte_mask(rgb))
-        for h, n, rgb in zip(heat, nuclei, inputs, strict=True)
+        localization_report(h, n, f, cell_mask=leukocyte_mask(rgb, n, f))
+        for h, n, f, rgb in zip(heat, nuclei, foregrounds, inputs, strict=True)
     ]
     segmentation_summary = {
         "nucleus_area_share": float(np.mean([n.mean() for n in nuclei])),

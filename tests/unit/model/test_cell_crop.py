@@ -94,3 +94,10 @@ def test_single_cell_tasks_crop_by_default_and_a_bad_scale_is_refused() -> None:
     assert candidate_spec(retrain, "wbc", "efficientnet_lite0", cell_crop=0.0).cell_crop == 0
     with pytest.raises(TrainingInputError, match="cell_crop"):
         check_request(CandidateSpec("wbc", "efficientnet_lite0", cell_crop=0.5), TrainConfig())
+
+
+def test_a_misspelt_task_in_the_per_task_settings_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"retrain.cell_crop names unknown task\(s\) \['wcb'\]"):
+        Settings(profile="test", retrain={"cell_crop": {"wcb": 2.0}})
+    with pytest.raises(ValueError, match=r"gate.evidence_region names unknown task\(s\) \['wbcc'\]"):
+        Settings(profile="test", gate={"evidence_region": {"wbcc": "cell"}})
