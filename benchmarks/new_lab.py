@@ -41,6 +41,7 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -120,7 +121,17 @@ def fitted_model(run, device) -> LoadedModel:
 def figures(model: LoadedModel, rgbs: list[np.ndarray], labels: pd.Series) -> dict:
     probs, _ = model_scores(model, rgbs)
     result = evaluate_predictions(list(labels), probs, CLASSES)
-    return {"macro_f1": result.macro_f1, "ci": (result.f1_ci_low, result.f1_ci_high), "pred": probs.argmax(1)}
+    recall = {name: round(scores.recall, 2) for name, scores in result.per_class.items() if scores.support}
+    predicted = [CLASSES[i] for i in probs.argmax(1)]
+    errors = Counter(f"{true}->{pred}" for true, pred in zip(labels, predicted, strict=True) if true != pred)
+    return {
+        "macro_f1": result.macro_f1,
+        "ci": (result.f1_ci_low, result.f1_ci_high),
+        "recall": recall,
+        "predicted_absent": result.predicted_absent,
+        "errors": dict(errors.most_common()),
+        "pred": probs.argmax(1),
+    }
 
 
 def training_frame(pbc: pd.DataFrame, lab_rows: pd.DataFrame) -> pd.DataFrame:
@@ -133,7 +144,9 @@ def describe(k: int, strategy: str, lab: dict, pbc: dict, wall_s: float) -> str:
     low, high = lab["ci"]
     return (
         f"k={k:<3} {strategy:<9}  new-lab macro-F1 {lab['macro_f1']:.3f} (95% CI {low:.3f}-{high:.3f})"
-        f"  PBC test macro-F1 {pbc['macro_f1']:.3f}  ({wall_s:.0f} s)"
+        f"  PBC test macro-F1 {pbc['macro_f1']:.3f}  ({wall_s:.0f} s)\n"
+        f"      new-lab recall {lab['recall']}, {lab['predicted_absent']} predicted into absent classes\n"
+        f"      new-lab errors {lab['errors']}"
     )
 
 
@@ -148,6 +161,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--augment", help="default: settings.retrain.augmentations[0]")
     parser.add_argument("--image-size", type=int, help="default: settings.retrain.image_size")
     parser.add_argument("--cell-crop", type=float, help="cell-centred crop scale (default: settings)")
+    parser.add_argument("--stain-augment", help="none | hed (default: settings)")
+    parser.add_argument("--stain-normalize", help="none | macenko | reinhard (default: settings)")
+    parser.add_argument("--site-balance", type=float, help="training draw weight n_site^-x (default: settings)")
     parser.add_argument("--epochs", type=int, help="most epochs of each training (default: settings)")
     parser.add_argument("--test-share", type=float, default=0.5, help="the new lab's share held out for test")
     parser.add_argument("--seed", type=int, default=0)
@@ -176,7 +192,15 @@ def main() -> None:
         return run(args.budget_min, args.warm_start, args.json_out)
     retrain = get_settings().retrain
     spec = candidate_spec(
-        retrain, TASK, args.backbone, augment=args.augment, image_size=args.image_size, cell_crop=args.cell_crop
+        retrain,
+        TASK,
+        args.backbone,
+        augment=args.augment,
+        image_size=args.image_size,
+        cell_crop=args.cell_crop,
+        stain_augment=args.stain_augment,
+        stain_normalize=args.stain_normalize,
+        site_balance=args.site_balance,
     )
     config = train_config(retrain, time_budget_min=args.budget_min, seed=args.seed)
     config = replace(config, epochs=args.epochs) if args.epochs else config
@@ -189,7 +213,8 @@ def main() -> None:
     print(
         f"PBC {len(pbc)} images {pbc['split'].value_counts().to_dict()}; new lab test {len(test)} "
         f"{test['label'].value_counts().to_dict()}, pool {len(pool)}; {spec.backbone} {spec.image_size} px, "
-        f"augment {spec.augment}, budget {args.budget_min} min per training, device {device}",
+        f"augment {spec.augment}, stain {spec.stain_augment}/{spec.stain_normalize}, cell crop {spec.cell_crop}, "
+        f"site balance {spec.site_balance}, budget {args.budget_min} min per training, device {device}",
         flush=True,
     )
     started = time.monotonic()

@@ -13,6 +13,7 @@ import sys
 from pipelines.cli import Output, add_command
 
 SETTING = " (default: settings.retrain.{})"
+TASK_SETTING = " (default: settings.retrain.per_task[task].{0}, else retrain.{0})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--augment", help="none | mixup | cutmix | augmix | randaug (default: settings.retrain.augmentations[0])"
     )
     train.add_argument("--epochs", type=int, help="most epochs" + SETTING.format("epochs"))
-    train.add_argument("--image-size", type=int, help="input side in px" + SETTING.format("image_size"))
+    train.add_argument("--image-size", type=int, help="input side in px" + TASK_SETTING.format("image_size"))
     train.add_argument("--max-images", type=int, help="a stratified subset of this many images")
     train.add_argument(
         "--time-budget-min", type=float, help="training + validation minutes" + SETTING.format("time_budget_min")
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--stain-augment",
         choices=("none", "hed"),
-        help="HED stain jitter in training" + SETTING.format("stain_augment"),
+        help="HED stain jitter in training" + TASK_SETTING.format("stain_augment"),
     )
     train.add_argument(
         "--stain-strength", type=float, help="HED jitter sigma (optical density)" + SETTING.format("stain_strength")
@@ -52,13 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--cell-crop",
         type=float,
-        help="crop to the central cell, SCALE x its nucleus (0 = the whole image)" + SETTING.format("cell_crop[task]"),
+        help="crop to the central cell, SCALE x its nucleus (default: settings.retrain.per_task[task].cell_crop, "
+        "else 0 = the whole image)",
     )
     train.add_argument(
         "--site-balance",
         type=float,
         help="draw weight n_site^-X across the snapshot's sources (0 = off, 1 = sites equal)"
-        + SETTING.format("site_balance"),
+        + TASK_SETTING.format("site_balance"),
     )
     train.add_argument(
         "--warm-start",

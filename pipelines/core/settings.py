@@ -17,10 +17,10 @@ import os
 from collections.abc import Iterator
 from functools import lru_cache, reduce
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -157,8 +157,29 @@ class DriftThresholds(BaseModel):
     retrain_on_prediction_drift: bool = False  # ... or (when true) the predicted-class mix drifted
 
 
+class TaskRecipe(BaseModel):
+    """One task's training options that differ from ``retrain``'s (None: the global value)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option would otherwise be silently ignored
+
+    # single-cell images: the scale of the cell-centred crop (model.cell_crop), so every lab's magnification
+    # maps onto one cell size; 0 (fields of many cells, the ALL sets) keeps the whole image
+    cell_crop: float | None = None
+    image_size: int | None = None
+    stain_augment: str | None = None
+    site_balance: float | None = None
+
+
+def _single_cell_recipes() -> dict[str, TaskRecipe]:
+    # wbc (as leukops.yaml): a square twice the nucleus holds the cell (nucleus ~0.5-0.8 of its width) and a
+    # rim; 160 px keeps granules and chromatin; HED jitter because the next lab's stain is unseen
+    return {"wbc": TaskRecipe(cell_crop=2.0, image_size=160, stain_augment="hed")}
+
+
 class RetrainConfig(BaseModel):
     """What the nightly retrain trains: the task(s) and the backbone x augmentation grid."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt (or retired) key in leukops.yaml is refused
 
     schedule: str = "0 2 * * *"
     tasks: list[str] = Field(default_factory=lambda: ["all_subtypes"])
@@ -195,15 +216,18 @@ class RetrainConfig(BaseModel):
     # start each candidate from the task's @champion when it is the same network (backbone, size, classes):
     # a retrain on a grown dataset fine-tunes the serving model instead of restarting from ImageNet
     warm_start: bool = False
-    # tasks whose images are single-cell crops, and the scale of their cell-centred crop (model.cell_crop):
-    # every lab's magnification maps onto one cell size; fields of many cells (the ALL sets) stay whole.
-    # 2.0: the square is twice the nucleus, so it holds the cell (nucleus ~0.5-0.8 of its width) and a rim
-    cell_crop: dict[str, float] = Field(default_factory=lambda: {"wbc": 2.0})
+    # a task's departures from the recipe above (a DAG run's param still applies to every task)
+    per_task: dict[str, TaskRecipe] = Field(default_factory=_single_cell_recipes)
 
-    @field_validator("cell_crop")
+    @field_validator("per_task")
     @classmethod
-    def _cell_crop_tasks(cls, value: dict) -> dict:
-        return _known_tasks(value, "retrain.cell_crop")
+    def _per_task_tasks(cls, value: dict) -> dict:
+        return _known_tasks(value, "retrain.per_task")
+
+    def recipe_of(self, task: str) -> dict[str, Any]:
+        """``task``'s recipe options that differ from the global ones (`TaskRecipe`), by field name."""
+        recipe = self.per_task.get(task)
+        return recipe.model_dump(exclude_none=True) if recipe else {}
 
     explain_samples: int = 32
     explain_lime_images: int = 3

@@ -410,7 +410,8 @@ STAIN_OPTIONS = ("stain_augment", "stain_strength", "stain_normalize", "stain_re
 
 def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: Any) -> CandidateSpec:
     """A `CandidateSpec` whose options left None (augment, image_size, max_images, batch_size, ...) come from
-    ``settings.retrain`` (augment: the grid's first augmentation; cell_crop: the task's entry, else off)."""
+    ``settings.retrain``: the task's `retrain.per_task` entry, else the global value (augment: the grid's first
+    augmentation; cell_crop: off)."""
     defaults = {
         "augment": retrain.augmentations[0],
         "image_size": retrain.image_size,
@@ -419,8 +420,9 @@ def candidate_spec(retrain: RetrainConfig, task: str, backbone: str, **options: 
         "tta": tuple(retrain.tta),
         "site_balance": retrain.site_balance,
         "warm_start": retrain.warm_start,
-        "cell_crop": retrain.cell_crop.get(task, 0.0),
+        "cell_crop": 0.0,
         **{name: getattr(retrain, name) for name in STAIN_OPTIONS},
+        **retrain.recipe_of(task),
     }
     given = {k: v for k, v in options.items() if v is not None}
     return CandidateSpec(task, backbone, **(defaults | given))

@@ -258,7 +258,6 @@ def train(candidate: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         candidate["backbone"],
         candidate["augment"],
         dataset_version=candidate["dataset_version"],
-        image_size=grid.image_size,
         max_images=grid.max_images,
         batch_size=grid.batch_size,
         epochs=grid.epochs,

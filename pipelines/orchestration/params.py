@@ -17,7 +17,7 @@ from airflow.sdk import Param
 from pydantic import BaseModel, ValidationError
 
 from pipelines.core.errors import LeukopsError
-from pipelines.core.settings import GateThresholds, Settings
+from pipelines.core.settings import GateThresholds, RetrainConfig, Settings, TaskRecipe
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"  # backbone / augmentation / task names; allow-lists are checked by training
 
@@ -147,10 +147,19 @@ def _section(model: BaseModel, params: dict[str, Any], names: dict[str, Any], se
         raise ParamsError(f"run params refused by settings.{section}: {problems}") from None
 
 
+def _without_task_recipes(retrain: RetrainConfig, params: dict[str, Any]) -> RetrainConfig:
+    """A run's param (image_size, stain_augment, ...) applies to every task: the tasks' own values of it go."""
+    given = {name for name in TaskRecipe.model_fields if params.get(name) is not None}
+    if not given:
+        return retrain
+    per_task = {task: recipe.model_copy(update=dict.fromkeys(given)) for task, recipe in retrain.per_task.items()}
+    return retrain.model_copy(update={"per_task": per_task})
+
+
 def with_overrides(settings: Settings, params: dict[str, Any]) -> Settings:
     """The settings with the run's non-empty retrain and gate overrides applied (validated again by the
     settings models, so a conf that skipped Airflow's check, e.g. from a test, is still refused clearly)."""
-    retrain = _section(settings.retrain, params, RETRAIN_OVERRIDES, "retrain")
+    retrain = _without_task_recipes(_section(settings.retrain, params, RETRAIN_OVERRIDES, "retrain"), params)
     gate = _section(settings.gate, params, gate_overrides(), "gate")
     if retrain is settings.retrain and gate is settings.gate:
         return settings

@@ -89,15 +89,19 @@ def test_the_crop_is_part_of_the_saved_preprocessing(shared_data: Path) -> None:
 
 def test_single_cell_tasks_crop_by_default_and_a_bad_scale_is_refused() -> None:
     retrain = Settings(profile="test").retrain
-    assert candidate_spec(retrain, "wbc", "efficientnet_lite0").cell_crop == retrain.cell_crop["wbc"] > 0
+    assert candidate_spec(retrain, "wbc", "efficientnet_lite0").cell_crop == retrain.per_task["wbc"].cell_crop > 0
     assert candidate_spec(retrain, "all_subtypes", "efficientnet_lite0").cell_crop == 0  # fields of many cells
     assert candidate_spec(retrain, "wbc", "efficientnet_lite0", cell_crop=0.0).cell_crop == 0
     with pytest.raises(TrainingInputError, match="cell_crop"):
         check_request(CandidateSpec("wbc", "efficientnet_lite0", cell_crop=0.5), TrainConfig())
 
 
-def test_a_misspelt_task_in_the_per_task_settings_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"retrain.cell_crop names unknown task\(s\) \['wcb'\]"):
-        Settings(profile="test", retrain={"cell_crop": {"wcb": 2.0}})
+def test_a_misspelt_task_option_or_retired_key_in_the_per_task_settings_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"retrain.per_task names unknown task\(s\) \['wcb'\]"):
+        Settings(profile="test", retrain={"per_task": {"wcb": {"cell_crop": 2.0}}})
+    with pytest.raises(ValueError, match="cell_cropp"):
+        Settings(profile="test", retrain={"per_task": {"wbc": {"cell_cropp": 2.0}}})
+    with pytest.raises(ValueError, match="retrain.cell_crop"):  # the setting before per_task: not ignored
+        Settings(profile="test", retrain={"cell_crop": {"wbc": 2.0}})
     with pytest.raises(ValueError, match=r"gate.evidence_region names unknown task\(s\) \['wbcc'\]"):
         Settings(profile="test", gate={"evidence_region": {"wbcc": "cell"}})

@@ -64,7 +64,7 @@ def test_training_on_a_subset_labelled_source_runs_and_each_site_is_scored_on_it
     splits = ("test", "train", "val", "train")  # per (source, class): 1 test, 1 val, up to 2 train
     frame["split"] = [splits[i] for i in frame.groupby(["source", "label"]).cumcount()]
     retrain = RetrainConfig(image_size=32, batch_size=8, time_budget_min=None)
-    spec = candidate_spec(retrain, "wbc", "custom_cnn", device="cpu")
+    spec = candidate_spec(retrain, "wbc", "custom_cnn", device="cpu", image_size=32)  # over wbc's own size
     run = build_run(spec, train_config(retrain, epochs=1), frame, "v-test", "folder")
     assert len(run.loaders["train"].dataset) == 25, "CellaVision's 9 train images are trained on"
     result = fit_prepared(run)

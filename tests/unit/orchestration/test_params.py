@@ -115,3 +115,18 @@ def test_stain_and_site_options_travel_in_the_conf_and_bad_ones_are_refused():
     for bad in ({"stain_augment": "purple"}, {"site_balance": 2}):
         with pytest.raises(ParamValidationError):
             _validated(retrain_params(), bad)
+
+
+def test_a_run_param_applies_to_every_task_over_its_own_recipe():
+    from pipelines.core.settings import TaskRecipe
+    from pipelines.model.candidate import candidate_spec
+
+    recipe = TaskRecipe(cell_crop=2.0, image_size=160, stain_augment="hed")
+    settings = Settings(profile="dev", retrain={"image_size": 128, "per_task": {"wbc": recipe}})
+    assert candidate_spec(settings.retrain, "wbc", "efficientnet_lite0").image_size == 160
+    assert candidate_spec(settings.retrain, "all_subtypes", "efficientnet_lite0").image_size == 128
+    run = with_overrides(settings, {"image_size": 64})
+    for task in ("wbc", "all_subtypes"):
+        assert candidate_spec(run.retrain, task, "efficientnet_lite0").image_size == 64
+    spec = candidate_spec(run.retrain, "wbc", "efficientnet_lite0")
+    assert (spec.cell_crop, spec.stain_augment) == (2.0, "hed")  # what the run did not name stays the task's
