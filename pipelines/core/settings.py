@@ -164,10 +164,10 @@ class TaskRecipe(BaseModel):
 
     # single-cell images: the scale of the cell-centred crop (model.cell_crop), so every lab's magnification
     # maps onto one cell size; 0 (fields of many cells, the ALL sets) keeps the whole image
-    cell_crop: float | None = None
-    image_size: int | None = None
-    stain_augment: str | None = None
-    site_balance: float | None = None
+    cell_crop: float | None = None  # 0, or 1-10 x the nucleus (checked with the training request)
+    image_size: int | None = Field(None, ge=32, le=1024)  # the bounds of the DAG's image_size param
+    stain_augment: Literal["none", "hed"] | None = None
+    site_balance: float | None = Field(None, ge=0, le=1)
 
 
 def _single_cell_recipes() -> dict[str, TaskRecipe]:

@@ -101,6 +101,8 @@ def test_a_misspelt_task_option_or_retired_key_in_the_per_task_settings_is_refus
         Settings(profile="test", retrain={"per_task": {"wcb": {"cell_crop": 2.0}}})
     with pytest.raises(ValueError, match="cell_cropp"):
         Settings(profile="test", retrain={"per_task": {"wbc": {"cell_cropp": 2.0}}})
+    with pytest.raises(ValueError, match="image_size"):  # the DAG param's bounds, at load, not mid-training
+        Settings(profile="test", retrain={"per_task": {"wbc": {"image_size": 8}}})
     with pytest.raises(ValueError, match="retrain.cell_crop"):  # the setting before per_task: not ignored
         Settings(profile="test", retrain={"cell_crop": {"wbc": 2.0}})
     with pytest.raises(ValueError, match=r"gate.evidence_region names unknown task\(s\) \['wbcc'\]"):
