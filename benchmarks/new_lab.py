@@ -7,10 +7,11 @@ per candidate; every gate threshold as shipped). PBC is ingested and a REST-trig
 ``@champion``; CellaVision is registered with split shares 50/10/40 (``leukops source add --split 50/10/40``:
 ~40 test images, enough for the per-site checks) and ingested; a REST-triggered drift run must find drift
 with new labels and emit the retrain request, and the retrain the scheduler starts from that event must
-promote a model trained on both labs. Printed: the wall time of each stage, the drift verdict, the gate's
-per-site checks and the per-site table (the new champion vs the old one on the same test images).
+promote a model trained on both labs (wbc's recipe: fine-tuned from that champion). Printed: the wall time
+of each stage, the drift verdict, the gate's per-site checks and the per-site table (the new champion vs the
+old one on the same test images).
 
-    .venv/bin/python benchmarks/new_lab.py --loop --budget-min 6 [--warm-start]
+    .venv/bin/python benchmarks/new_lab.py --loop --budget-min 10 [--cold-start]
 
 **The label-count curve** (``--labels``):
 
@@ -153,7 +154,7 @@ def describe(k: int, strategy: str, lab: dict, pbc: dict, wall_s: float) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loop", action="store_true", help="the drift → label → retrain loop under the scheduler")
-    parser.add_argument("--warm-start", action="store_true", help="--loop: retrain.warm_start (from @champion)")
+    parser.add_argument("--cold-start", action="store_true", help="--loop: retrain from ImageNet, not the champion")
     parser.add_argument("--labels", default="0,10,25,50", help="label counts k, comma-separated")
     parser.add_argument("--strategy", default=",".join(STRATEGIES), help="random,suggested (either or both)")
     parser.add_argument("--budget-min", type=float, default=5.0, help="time budget of each training")
@@ -189,7 +190,7 @@ def main() -> None:
 
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST poll otherwise
 
-        return run(args.budget_min, args.warm_start, args.json_out)
+        return run(args.budget_min, args.cold_start, args.json_out)
     retrain = get_settings().retrain
     spec = candidate_spec(
         retrain,

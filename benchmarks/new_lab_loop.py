@@ -39,17 +39,18 @@ def free_ports() -> tuple[int, int]:
     raise RuntimeError("no free port block")
 
 
-def config_file(path: Path, budget_min: float, warm_start: bool) -> Path:
-    """leukops.yaml as shipped, the nightly grid on the wbc task with one cell of ``budget_min`` minutes
-    (``retrain.warm_start`` as asked), the gate as shipped."""
+def config_file(path: Path, budget_min: float, cold_start: bool) -> Path:
+    """leukops.yaml as shipped, the nightly grid on the wbc task with one cell of ``budget_min`` minutes, the
+    gate as shipped; ``cold_start``: every retrain from ImageNet (wbc's recipe fine-tunes the champion)."""
     config = yaml.safe_load((REPO_ROOT / "leukops.yaml").read_text())
-    grid = {"tasks": [TASK], "augmentations": ["none"], "time_budget_min": budget_min, "warm_start": warm_start}
-    config["retrain"] |= grid
+    config["retrain"] |= {"tasks": [TASK], "augmentations": ["none"], "time_budget_min": budget_min}
+    if cold_start:
+        config["retrain"]["per_task"][TASK]["warm_start"] = False
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def environment(state: Path, budget_min: float, warm_start: bool) -> dict[str, str]:
+def environment(state: Path, budget_min: float, cold_start: bool) -> dict[str, str]:
     s3_port, mlflow_port = free_ports()
     return {
         "LEUKOPS_PROFILE": "dev",
@@ -59,7 +60,7 @@ def environment(state: Path, budget_min: float, warm_start: bool) -> dict[str, s
         "LEUKOPS_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "LEUKOPS_AIRFLOW_URL": f"http://127.0.0.1:{mlflow_port + 1}",
-        "LEUKOPS_CONFIG_FILE": str(config_file(state / "leukops.yaml", budget_min, warm_start)),
+        "LEUKOPS_CONFIG_FILE": str(config_file(state / "leukops.yaml", budget_min, cold_start)),
         "LEUKOPS_REGISTERED_MODEL_PREFIX": "newlab",
         "HF_HUB_OFFLINE": "1",
     }
@@ -69,10 +70,10 @@ def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
-def run(budget_min: float, warm_start: bool, json_out: Path | None) -> None:
+def run(budget_min: float, cold_start: bool, json_out: Path | None) -> None:
     state = Path(tempfile.mkdtemp(prefix="leukops-bench-newlab-"))
     state.chmod(0o755)  # Postgres runs as its own user when we are root
-    os.environ.update(environment(state, budget_min, warm_start))  # the Airflow components inherit these settings
+    os.environ.update(environment(state, budget_min, cold_start))  # the Airflow components inherit these settings
     get_settings.cache_clear()
     settings = get_settings()
     stack = LocalStack(settings)
@@ -84,11 +85,20 @@ def run(budget_min: float, warm_start: bool, json_out: Path | None) -> None:
         settle_scheduled_runs(DemoRun(settings, say), client)
         say(f"stack + Airflow up in {time.monotonic() - started:.0f} s; state {state}")
         result = run_loop(Loop(settings, client, TASK, say), FIRST_LAB, NEW_LAB)
+        result["retrain_started_from"] = started_from(settings, result)
     finally:
         stack.down()
     if json_out:  # first: the figures outlive a report that fails to print
         json_out.write_text(json.dumps(result, indent=2, default=str))
     report(result)
+
+
+def started_from(settings, result: dict) -> str:
+    """The retrain's chosen run's ``warm_start`` tag: the champion it fine-tuned, or why it was refused."""
+    from pipelines.io.tracking import run_tags
+
+    run_id = (result["champion_after"].get("chosen") or {}).get("run_id")
+    return run_tags(settings, run_id).get("warm_start", "ImageNet") if run_id else "no run"
 
 
 def report(result: dict) -> None:
@@ -97,6 +107,7 @@ def report(result: dict) -> None:
         for r in verdict["reports"]:
             print(f"drift {r['current']}: retrain_recommended={r['retrain_recommended']} ({r.get('report_url')})")
     print(f"retrain request: {result['retrain_request']['message']}; retrain run type {result['retrain_run_type']}")
+    print(f"retrain started from: {result['retrain_started_from']}")
     for when in ("champion_before", "champion_after"):
         outcome = result[when]
         gated = outcome.get("chosen") or {}

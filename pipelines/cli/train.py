@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--warm-start",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="start from the task's @champion when it is the same network" + SETTING.format("warm_start"),
+        help="start from the task's @champion when it is the same network" + TASK_SETTING.format("warm_start"),
     )
     train.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
 

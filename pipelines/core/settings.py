@@ -168,12 +168,14 @@ class TaskRecipe(BaseModel):
     image_size: int | None = Field(None, ge=32, le=1024)  # the bounds of the DAG's image_size param
     stain_augment: Literal["none", "hed"] | None = None
     site_balance: float | None = Field(None, ge=0, le=1)
+    warm_start: bool | None = None
 
 
 def _single_cell_recipes() -> dict[str, TaskRecipe]:
     # wbc (as leukops.yaml): a square twice the nucleus holds the cell (nucleus ~0.5-0.8 of its width) and a
-    # rim; 160 px keeps granules and chromatin; HED jitter because the next lab's stain is unseen
-    return {"wbc": TaskRecipe(cell_crop=2.0, image_size=160, stain_augment="hed")}
+    # rim; 160 px keeps granules and chromatin; HED jitter because the next lab's stain is unseen; a lab that
+    # joins is learnt by fine-tuning the verified champion on the grown data, not from ImageNet again
+    return {"wbc": TaskRecipe(cell_crop=2.0, image_size=160, stain_augment="hed", warm_start=True)}
 
 
 class RetrainConfig(BaseModel):

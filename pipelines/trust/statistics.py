@@ -63,8 +63,9 @@ def bootstrap_macro_f1(
 ) -> BootstrapF1:
     """Macro-F1 of ``predicted``, or with ``baseline`` the paired difference F1(predicted) - F1(baseline).
 
-    The classes averaged are those present in the full ``truth`` (the same set in every resample), so a
-    resample that misses a rare class scores it 0 rather than changing what is averaged.
+    The classes averaged are those present in the full ``truth`` (the same set in every resample); a
+    resample that misses a rare class and predicts it nowhere scores it 1, one that predicts it falsely 0
+    (``resampled_macro_f1``).
     """
     truth, predicted = np.asarray(truth, dtype=int), np.asarray(predicted, dtype=int)
     if truth.ndim != 1 or len(truth) == 0 or predicted.shape != truth.shape:

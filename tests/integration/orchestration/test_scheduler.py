@@ -227,8 +227,9 @@ LOOP_GATE = {"min_check_images": 1, "non_inferiority_margin": 1.0, "site_non_inf
 def test_a_new_lab_joins_drift_with_its_labels_retrains_on_both_labs(scheduler: Scheduler, sample_images):
     """The new-lab loop on real images of two labs: PBC's champion, CellaVision labelled (split 50/10/40)
     → the drift run requests a retrain of `wbc` → the scheduler starts it from that asset event → the
-    candidate, trained on both labs, passes the per-site checks and becomes @champion."""
+    candidate, fine-tuned from that champion on both labs, passes the per-site checks and becomes @champion."""
     from pipelines.devstack.new_lab import Lab, Loop, run_loop, site_checks
+    from pipelines.io.tracking import run_tags
 
     # 11 PBC images a class at 60/20/20 give every class a test image (the gate checks each class's recall)
     first = Lab("loop-pbc", sample_images("pbc", per_class=11), {"train": 0.6, "val": 0.2, "test": 0.2})
@@ -254,3 +255,7 @@ def test_a_new_lab_joins_drift_with_its_labels_retrains_on_both_labs(scheduler: 
     assert {f"site_macro_f1[{new.source}]", f"site_non_inferiority[{new.source}]"} <= set(checks), checks
     assert all(c["passed"] for c in checks.values()), checks
     assert sites[new.source]["champion_macro_f1"] is not None  # the old champion, on the same images
+    tags = run_tags(scheduler.settings, after["chosen"]["run_id"])
+    assert tags["warm_start"] == f"champion v{before['version']} (run {before['chosen']['run_id']})", (
+        "wbc's recipe: the retrain fine-tunes the attested champion, verified in the worker"
+    )

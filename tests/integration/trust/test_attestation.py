@@ -4,7 +4,8 @@ A candidate promoted through the real gate (scripted evidence, as in test_promot
 session's dev key pair (made by the stack in its state dir) and served by the real app. Then what an
 attacker with MLflow access could do: point ``@champion`` by hand at a registered but never-attested
 version, and overwrite the weights of an attested version in the artifact store. Serving refuses both,
-keeps the attested model, says only "refused: not attested" in /readyz and counts each refusal.
+keeps the attested model, says only "refused: not attested" in /readyz and counts each refusal. A warm-started
+retrain refuses the same champions: it fine-tunes only verified weights.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
+from pipelines.core.settings import RetrainConfig
 from pipelines.io import layout
 from pipelines.io.registry import Registry
 from pipelines.io.storage import ObjectStore
+from pipelines.model.candidate import candidate_spec
+from pipelines.model.warm_start import WarmStart, champion_start
 from pipelines.trust.attestation import AttestationError, key_id, verify, verifying_key
 from pipelines.trust.promote import promote_run, rollback
 from serving.app import create_app
@@ -64,6 +68,11 @@ def _weights_key(settings, run_id: str) -> str:
     return keys[0]
 
 
+def _warm_start(settings) -> WarmStart | None:
+    """What a warm-started retrain of TASK (the candidates' network) would start from now."""
+    return champion_start(settings, candidate_spec(RetrainConfig(image_size=32), TASK, "custom_cnn", warm_start=True))
+
+
 def test_only_attested_unaltered_newest_promotions_are_served(signed, stack) -> None:
     registry = Registry.from_settings(signed)
     public = verifying_key(signed)
@@ -74,6 +83,8 @@ def test_only_attested_unaltered_newest_promotions_are_served(signed, stack) -> 
     statement = verify(envelope, public, "v1")
     assert registry.read_text(good, layout.attestation_path(1)) == envelope
     assert {"MLmodel", "artifacts/weights.pt", "artifacts/bundle.json"} <= set(statement.artifacts)
+    start = _warm_start(signed)
+    assert start.state is not None and start.label == f"champion v1 (run {good})"
 
     with TestClient(create_app(signed, log_requests=False)) as client:
         holder = client.app.state.services.holder
@@ -93,6 +104,8 @@ def test_only_attested_unaltered_newest_promotions_are_served(signed, stack) -> 
         assert ready.status_code == 200 and ready.json()["version"] == "1"
         assert ready.json()["reload"] == REFUSED and "no_attestation" not in ready.text
         assert _refusals(client, signed, "no_attestation") == 1.0
+        start = _warm_start(signed)  # a retrain does not fine-tune what serving refuses
+        assert start.state is None and "(no_attestation)" in start.label and f"v{by_hand.version}" in start.label
         assert client.get("/v1/model", headers=_auth(signed)).json()["version"] == "1"
 
         # a newer attested promotion whose weights are overwritten in the artifact store
@@ -105,6 +118,8 @@ def test_only_attested_unaltered_newest_promotions_are_served(signed, stack) -> 
         assert not holder.check_for_update()
         assert client.get("/readyz").json()["version"] == "1"
         assert _refusals(client, signed, "artifact_mismatch") == 1.0
+        start = _warm_start(signed)
+        assert start.state is None and "(artifact_mismatch)" in start.label and "weights.pt" in start.label
 
     # rollback re-signs, so it refuses a target the gate never passed (@previous is the by-hand version)
     with pytest.raises(AttestationError, match="no gate report"):

@@ -22,6 +22,9 @@ def test_only_the_same_backbone_size_and_classes_qualify():
     assert not same_network(("efficientnet_lite0", 32, classes), spec)
     assert not same_network(("custom_cnn", 32, classes[:3]), spec)
     assert RetrainConfig().warm_start is False and _spec().warm_start is False  # opt-in
+    wbc = candidate_spec(RetrainConfig(), "wbc", "efficientnet_lite0")
+    assert wbc.warm_start is True, "wbc's recipe: a joining lab fine-tunes the champion"
+    assert candidate_spec(RetrainConfig(), "wbc", "efficientnet_lite0", warm_start=False).warm_start is False
 
 
 def test_a_run_built_from_an_initial_state_starts_from_those_weights(shared_data):

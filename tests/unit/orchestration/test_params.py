@@ -121,7 +121,7 @@ def test_a_run_param_applies_to_every_task_over_its_own_recipe():
     from pipelines.core.settings import TaskRecipe
     from pipelines.model.candidate import candidate_spec
 
-    recipe = TaskRecipe(cell_crop=2.0, image_size=160, stain_augment="hed")
+    recipe = TaskRecipe(cell_crop=2.0, image_size=160, stain_augment="hed", warm_start=True)
     settings = Settings(profile="dev", retrain={"image_size": 128, "per_task": {"wbc": recipe}})
     assert candidate_spec(settings.retrain, "wbc", "efficientnet_lite0").image_size == 160
     assert candidate_spec(settings.retrain, "all_subtypes", "efficientnet_lite0").image_size == 128
@@ -130,3 +130,9 @@ def test_a_run_param_applies_to_every_task_over_its_own_recipe():
         assert candidate_spec(run.retrain, task, "efficientnet_lite0").image_size == 64
     spec = candidate_spec(run.retrain, "wbc", "efficientnet_lite0")
     assert (spec.cell_crop, spec.stain_augment) == (2.0, "hed")  # what the run did not name stays the task's
+    assert (
+        spec.warm_start
+        and not candidate_spec(
+            with_overrides(settings, {"warm_start": False}).retrain, "wbc", "efficientnet_lite0"
+        ).warm_start
+    ), "a run that asks for a cold start gets one on every task"

@@ -72,6 +72,19 @@ def test_paired_resampling_is_tighter_than_comparing_two_independent_intervals()
     assert paired.interval[1] - paired.interval[0] < min(high - low for low, high in own)
 
 
+def test_a_resample_that_misses_a_one_image_class_does_not_sink_the_bound():
+    """One test image of a class (CellaVision's basophil): scored 0 when a resample draws none of it, ~37 %
+    of the resamples would lose 1/C and a perfect model's lower bound would be (C - 1) / C."""
+    truth = np.array([0] * 20 + [1] * 20 + [2])
+    perfect = bootstrap_macro_f1(truth, truth, 3, resamples=2000, seed=0)
+    assert perfect.point == perfect.lower == perfect.interval[0] == 1.0
+    false_alarm = truth.copy()
+    false_alarm[0] = 2  # a resample without the one class-2 image still scores this false claim 0
+    boot = bootstrap_macro_f1(truth, false_alarm, 3, resamples=2000, seed=0)
+    assert boot.point == pytest.approx(macro_f1(truth, false_alarm))
+    assert boot.lower < boot.point < 1.0
+
+
 def test_mcnemar_counts_the_discordant_pairs_and_is_exact():
     truth = np.zeros(20, dtype=int)
     candidate = np.zeros(20, dtype=int)
