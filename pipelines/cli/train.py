@@ -83,6 +83,7 @@ def _show_progress() -> None:
 def _train(args: argparse.Namespace) -> Output:
     from pipelines.core.settings import get_settings
     from pipelines.model.candidate import train_candidate
+    from pipelines.trust.champion_start import champion_start
 
     _show_progress()
     summary = train_candidate(
@@ -104,6 +105,7 @@ def _train(args: argparse.Namespace) -> Output:
         site_balance=args.site_balance,
         warm_start=args.warm_start,
         cell_crop=args.cell_crop,
+        champion_reader=champion_start,
         epochs=args.epochs,
         lr=args.lr,
         patience=args.patience,

@@ -26,6 +26,10 @@ READY_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 3
 AUTH_APP = "basic-auth"
 AUTH_FUNCTION = "mlflow.server.auth:authenticate_request_basic_auth"
+# A verified credential is trusted this long per worker: each check is a deliberately slow scrypt hash
+# (~0.2 s on 2 cores, in front of every request); a rotation through the API takes effect at once on the
+# worker that handled it, on the others within this TTL.
+AUTH_CACHE_TTL_S = 60
 
 
 def auth_config(database_uri: str, admin_user: str) -> str:
@@ -36,6 +40,7 @@ def auth_config(database_uri: str, admin_user: str) -> str:
         "database_uri": database_uri,
         "admin_username": admin_user,
         "authorization_function": AUTH_FUNCTION,
+        "auth_cache_ttl_seconds": str(AUTH_CACHE_TTL_S),
     }
     text = io.StringIO()
     config.write(text)

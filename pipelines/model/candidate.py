@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from pipelines.model.augment import Augmentation
     from pipelines.model.backbones import Backbone
     from pipelines.model.evaluate import EvalResult
+    from pipelines.model.warm_start import ChampionReader
 
 
 @dataclass(frozen=True)
@@ -161,19 +162,23 @@ def prepare_run(
     config: TrainConfig,
     dataset_version: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    champion_reader: ChampionReader | None = None,
 ) -> PreparedRun:
-    """Load the snapshot, fill the local image cache, then `build_run` on it."""
+    """Load the snapshot, fill the local image cache, then `build_run` on it; a warm-started spec starts
+    from what ``champion_reader`` (`pipelines.trust.champion_start`) returns."""
     from pipelines.data.snapshot import load_snapshot
     from pipelines.io.storage import ObjectStore
-    from pipelines.model.warm_start import WARM_START_TAG, champion_start
+    from pipelines.model.warm_start import WARM_START_TAG
 
     check_request(spec, config)
+    if spec.warm_start and champion_reader is None:
+        raise ValueError(f"{spec.task}: warm_start is on but no champion reader was given to read @champion with")
     store = ObjectStore.from_settings(settings)
     snapshot = load_snapshot(store, spec.task, dataset_version)
     frame = limit_rows(snapshot.frame, spec.max_images)
     frame = frame.assign(path=fill_cache(store, frame, Path(settings.state_dir) / "cache"))
     dataset_uri = store.uri(layout.dataset_key(spec.task, snapshot.version))
-    start = champion_start(settings, spec) if spec.warm_start else None
+    start = champion_reader(settings, spec) if spec.warm_start and champion_reader else None
     tags = dict(extra_tags or {}) | ({WARM_START_TAG: start.label} if start else {})
     return build_run(spec, config, frame, snapshot.version, dataset_uri, tags, start.state if start else None)
 
@@ -445,13 +450,15 @@ def train_candidate(
     site_balance: float | None = None,
     warm_start: bool | None = None,
     cell_crop: float | None = None,
+    champion_reader: ChampionReader | None = None,
     **train_options: Any,
 ) -> CandidateSummary:
     """Train one candidate on the task's snapshot (latest unless ``dataset_version``), evaluate it on the
     test split and log it all to MLflow; returns its summary (run_id, val_f1, test_f1, ...).
     Every option left None resolves from ``settings.retrain``; ``train_options`` are ``TrainConfig``
     fields (epochs, lr, time_budget_min, ...); ``stain`` holds `STAIN_OPTIONS` values; ``extra_tags`` (e.g.
-    the Airflow run key) are set on the MLflow run and are part of its run key."""
+    the Airflow run key) are set on the MLflow run and are part of its run key; ``champion_reader`` reads the
+    weights a warm-started candidate starts from (`pipelines.trust.champion_start`)."""
     spec = candidate_spec(
         settings.retrain,
         task,
@@ -468,4 +475,5 @@ def train_candidate(
         **(stain or {}),
     )
     config = train_config(settings.retrain, **train_options)
-    return train_prepared(settings, prepare_run(settings, spec, config, dataset_version, extra_tags))
+    prepared = prepare_run(settings, spec, config, dataset_version, extra_tags, champion_reader)
+    return train_prepared(settings, prepared)

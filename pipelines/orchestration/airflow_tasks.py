@@ -245,6 +245,7 @@ def check_cell(candidate: dict[str, Any]) -> None:
 def train(candidate: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Train one grid cell; a rerun of the same Airflow run returns the finished run instead."""
     from pipelines.model.candidate import finished_candidate, train_candidate
+    from pipelines.trust.champion_start import champion_start
 
     check_cell(candidate)
     settings = task_settings(params, mlflow_role="training", s3_role="training")
@@ -263,6 +264,7 @@ def train(candidate: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         epochs=grid.epochs,
         time_budget_min=grid.time_budget_min,
         extra_tags={AIRFLOW_RUN_KEY_TAG: candidate["candidate_key"], "retrain_reason": candidate["reason"]},
+        champion_reader=champion_start,
     )
     return {**candidate, **result.to_dict(), "reused": False}
 

@@ -27,7 +27,7 @@ from pipelines.data.ingest import ingest_source
 from pipelines.data.manifests import all_manifests
 from pipelines.data.sources import load_source
 from pipelines.devstack.mlflow_server import MlflowServer
-from pipelines.devstack.processes import ProcessDir, port_is_free
+from pipelines.devstack.processes import ProcessDir, busy_ports, port_is_free
 from pipelines.devstack.seaweedfs import SeaweedFS, seaweed_ports
 from pipelines.io import layout
 from pipelines.io.registry import Registry, RegistryError
@@ -102,6 +102,15 @@ def _kill(processes: ProcessDir, name: str) -> None:
         time.sleep(0.1)
 
 
+def _wait_until_free(ports: dict[str, int], timeout_s: float = 30) -> None:
+    """A SIGKILLed Go server's leader turns zombie before its last thread has closed the listeners: a restart
+    on the same ports waits for them."""
+    deadline = time.monotonic() + timeout_s
+    while busy := busy_ports(ports):
+        assert time.monotonic() < deadline, f"ports still bound {timeout_s:.0f}s after the kill: {busy}"
+        time.sleep(0.2)
+
+
 def _leukops_process(env: dict[str, str], *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "pipelines.cli", *args, "--json"]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "cwd": REPO_ROOT}
@@ -144,6 +153,7 @@ def test_s3_killed_mid_ingest_then_restarted_the_rerun_completes_nothing_lost_fs
     out, err = first.communicate(timeout=180)
     assert first.returncode != 0, f"the ingest finished before the kill: {out[-500:]}"
 
+    _wait_until_free(seaweed_ports(int(private.s3_endpoint.rsplit(":", 1)[1])))
     _start(processes, server)  # the same data dir: what was acknowledged is there
     rerun = ingest_source(load_source(name, private), private, bucket, run_date="2026-12-01", workers=2).to_dict()
     assert rerun["status"] == "accepted", rerun

@@ -22,8 +22,9 @@ from pipelines.io import layout
 from pipelines.io.registry import Registry
 from pipelines.io.storage import ObjectStore
 from pipelines.model.candidate import candidate_spec
-from pipelines.model.warm_start import WarmStart, champion_start
+from pipelines.model.warm_start import WarmStart
 from pipelines.trust.attestation import AttestationError, key_id, verify, verifying_key
+from pipelines.trust.champion_start import champion_start
 from pipelines.trust.promote import promote_run, rollback
 from serving.app import create_app
 from serving.model import REFUSED

@@ -42,6 +42,7 @@ def test_the_auth_ini_names_a_sqlite_db_in_the_stack_dir_and_holds_no_password(
     assert config.default_permission == "READ"
     assert config.admin_username == "admin"
     assert config.admin_password is None  # travels in the server's env only
+    assert 0 < config.auth_cache_ttl_seconds <= 60  # the scrypt check is not paid on every request
     assert DEV_SECRETS["mlflow_users.admin"] not in Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == DEV_SECRETS["mlflow_users.admin"]
     assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == DEV_SECRETS["mlflow_server_secret_key"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
-from pipelines.core.settings import RetrainConfig
+from pipelines.core.settings import RetrainConfig, Settings
 from pipelines.core.taxonomy import get_task
-from pipelines.model.candidate import build_run, candidate_spec, train_config
+from pipelines.model.candidate import build_run, candidate_spec, prepare_run, train_config
 from pipelines.model.warm_start import same_network
 
 
@@ -42,3 +43,11 @@ def test_a_run_built_from_an_initial_state_starts_from_those_weights(shared_data
     name = next(k for k, v in state.items() if v.is_floating_point())
     assert torch.equal(warm.backbone.model.state_dict()[name], state[name])
     assert not torch.equal(first.backbone.model.state_dict()[name], state[name])
+
+
+def test_a_warm_start_without_a_champion_reader_is_refused_not_silently_cold(tmp_path):
+    """Training cannot read @champion itself (that check is the trust wing's): a warm-started spec must be
+    given the reader, or the candidate would quietly restart from ImageNet."""
+    spec, config = _spec(warm_start=True), train_config(RetrainConfig(), epochs=1)
+    with pytest.raises(ValueError, match="all_subtypes: warm_start is on but no champion reader"):
+        prepare_run(Settings(state_dir=tmp_path), spec, config)
