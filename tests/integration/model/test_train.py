@@ -46,6 +46,18 @@ def _ingest(settings, store, name: str, folder: Path, role: str = "train", tasks
 
 
 @pytest.fixture(scope="module")
+def champion(trained, settings) -> str:
+    """``trained`` registered, attested (aliases need a signature) and made @champion: its version."""
+    registry = Registry.from_settings(settings)
+    version = registry.register(TASK, registry.read_run(trained.run_id), {}, "train test").version
+    attest_version(settings, registry, TASK, version, trained.run_id, "train test")
+    mlflow.MlflowClient(settings.mlflow_tracking_uri).set_registered_model_alias(
+        settings.registered_model_name(TASK), "champion", version
+    )
+    return version
+
+
+@pytest.fixture(scope="module")
 def trained(stack, settings, store, shared_data, tmp_path_factory) -> CandidateSummary:
     """One real transfer-learned run: 40 images, 64 px, head-only epoch then a full fine-tuning epoch."""
     from pipelines.model.candidate import train_candidate
@@ -145,7 +157,7 @@ def test_pyfunc_flavour_predicts_base64_images_like_the_loader(trained, shared_d
 
 
 def test_evaluate_on_a_holdout_source_and_refuse_a_source_of_another_task(
-    trained, settings, store, shared_data, tmp_path, capsys
+    trained, champion, settings, store, shared_data, tmp_path, capsys
 ) -> None:
     _ingest(settings, store, "taleqani-holdout", _copy_images(shared_data, tmp_path / "h", 3, 380), "holdout")
     code = main(["evaluate", "--model", trained.run_id, "--source", "taleqani-holdout", "--json"])
@@ -153,18 +165,12 @@ def test_evaluate_on_a_holdout_source_and_refuse_a_source_of_another_task(
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 12 and result["task"] == TASK and result["absent_classes"] == []
     assert 0.0 <= result["macro_f1"] <= 1.0 and set(result["per_class"]) == set(CLASSES)
-    registry = Registry.from_settings(settings)
-    version = registry.register(TASK, registry.read_run(trained.run_id), {}, "evaluate test").version
-    attest_version(settings, registry, TASK, version, trained.run_id, "evaluate test")  # aliases need a signature
-    mlflow.MlflowClient(settings.mlflow_tracking_uri).set_registered_model_alias(
-        settings.registered_model_name(TASK), "champion", version
-    )
     code = main(["evaluate", "--model", "champion", "--source", "taleqani-holdout", "--json"])
     assert code == 0, capsys.readouterr().err
     by_alias = json.loads(capsys.readouterr().out)
     # @champion is verified first, then the verified version's run is what is evaluated
     assert by_alias["model_uri"] == f"runs:/{trained.run_id}/model"
-    assert by_alias["attestation"]["valid"] is True and by_alias["attestation"]["version"] == version
+    assert by_alias["attestation"]["valid"] is True and by_alias["attestation"]["version"] == champion
     assert by_alias["run_id"] == trained.run_id and by_alias["macro_f1"] == pytest.approx(result["macro_f1"])
     binary_map = {"Benign": "Healthy", "Early": "ALL", "Pre": "ALL", "Pro": "ALL"}
     binary = _copy_images(shared_data, tmp_path / "b", 2, 390)
@@ -180,3 +186,14 @@ def test_cli_train_from_random_init_reports_json(trained, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["pretrained"] is False and out["epochs_run"] == 1 and out["run_id"] != trained.run_id
     assert set(out) == set(trained.to_dict())
+
+
+def test_cli_train_warm_start_fine_tunes_the_verified_champion(trained, champion, settings, capsys) -> None:
+    """`leukops train --warm-start` reads @champion through the attestation check (the trust wing's reader
+    the CLI injects) and tags the run with the version its weights came from."""
+    argv = ["train", "--task", TASK, "--dataset-version", trained.dataset_version, "--backbone", "efficientnet_lite0"]
+    argv += ["--augment", "none", "--epochs", "1", "--image-size", "64", "--max-images", "24", "--warm-start"]
+    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+    tags = mlflow.MlflowClient(settings.mlflow_tracking_uri).get_run(run_id).data.tags
+    assert tags["warm_start"] == f"champion v{champion} (run {trained.run_id})"
