@@ -335,6 +335,12 @@ def _drift_lines(summary: dict[str, Any]) -> list[str]:
     return lines + [f"retrain request from drift: {state}"]
 
 
+def _link_note(status: int | str) -> str:
+    if status == 401:  # MLflow's basic auth: the page is there
+        return "  <- asks for the login below"
+    return "" if status in LINK_OK else "  <- does not answer"
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     runs = "  ".join(f"{dag}={run['state']}" for dag, run in summary["dag_runs"].items())
     lines = [f"leukops demo — task {summary['task']} — {summary['wall_s']} s — {runs}", ""]
@@ -342,8 +348,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     champion = summary["champion"]
     lines.append(f"champion: {champion['name']} v{champion['version']}" if champion else "champion: none")
     for label, link in summary["links"].items():
-        flag = "" if link["status"] in LINK_OK else "  <- does not answer"
-        lines.append(f"{label}: {link['url']}  (HTTP {link['status']}){flag}")
+        lines.append(f"{label}: {link['url']}  (HTTP {link['status']}){_link_note(link['status'])}")
     lines += [
         "",
         f"Airflow UI: {summary['airflow_ui']} (user admin; dev-profile password `admin`, else "
