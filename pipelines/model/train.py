@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipelines.model import checkpoint, recipe
-from pipelines.model.devices import autocast, pick_device, seed_everything, to_device
+from pipelines.model.devices import autocast, pick_device, seed_everything, to_device, to_layout
 from pipelines.model.evaluate import macro_f1
 from pipelines.model.stages import Stage, apply_stage, freeze_frozen_batchnorm
 
@@ -295,9 +295,7 @@ def fit(
     ``mixer`` turns a batch into (images, soft targets); ``criterion`` defaults to `default_criterion`.
     """
     device = device or pick_device()
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    to_layout(model.to(device))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     criterion = criterion or default_criterion(config.label_smoothing, mixer, class_weights)
     if isinstance(criterion, nn.Module):
