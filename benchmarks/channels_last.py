@@ -59,9 +59,7 @@ def main() -> None:
     for item in args.backbones:
         name, size = item.split(":")
         rates = {
-            layout: images_per_s(
-                name, int(size), layout, epochs=args.epochs, images=args.images, batch=args.batch_size
-            )
+            layout: images_per_s(name, int(size), layout, epochs=args.epochs, images=args.images, batch=args.batch_size)
             for layout in ("contiguous", "channels_last")
         }
         ratio = rates["channels_last"] / rates["contiguous"]
