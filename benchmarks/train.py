@@ -44,7 +44,7 @@ from pipelines.model.candidate import build_run, candidate_spec, fit_prepared, t
 from pipelines.model.devices import pick_device, seed_everything
 from pipelines.model.evaluate import evaluate_logits, evaluate_predictions, macro_f1
 from pipelines.model.predict import loader_logits, probabilities
-from pipelines.model.train import predict_proba
+from pipelines.model.validation import predict_proba
 from pipelines.trust.statistics import bootstrap_macro_f1
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "all_taleqani"

@@ -258,7 +258,7 @@ class CandidateSummary:
     test_accuracy: float
     test_f1_ci: tuple[float, float]
     epochs_run: int
-    best_epoch: int
+    kept_epoch: int
     stop_reason: str
     resumed_from_epoch: int | None
     train_images_per_s: float
@@ -281,7 +281,7 @@ class CandidateSummary:
             test_accuracy=metrics["test_accuracy"],
             test_f1_ci=(metrics["test_f1_ci_low"], metrics["test_f1_ci_high"]),
             epochs_run=int(metrics["epochs_run"]),
-            best_epoch=int(metrics["best_epoch"]),
+            kept_epoch=int(metrics["kept_epoch"]),
             stop_reason=tags["stop_reason"],
             resumed_from_epoch=int(resumed) if resumed else None,
             train_images_per_s=round(metrics["train_images_per_s"], 2),
@@ -300,7 +300,7 @@ def finished_candidate(settings: Settings, tags: dict[str, str]) -> CandidateSum
     return CandidateSummary.from_run(run) if run else None
 
 
-EPOCH_CURVES = ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr", "images_per_s")
+EPOCH_CURVES = ("train_loss", "val_loss", "val_macro_f1", "val_macro_f1_se", "val_accuracy", "lr", "images_per_s")
 
 
 @dataclass
@@ -325,10 +325,10 @@ def _log_test_evaluation(tracker: tracking.TrainingTracker, result: EvalResult, 
 
 
 def _fit_metrics(result: FitResult, run: PreparedRun) -> dict[str, float]:
-    """Run-level metrics; ``val_macro_f1`` is the best epoch's (the one whose weights were kept)."""
+    """Run-level metrics; ``val_macro_f1`` is the kept epoch's."""
     return {
-        "val_macro_f1": result.best_val_f1,
-        "best_epoch": result.best_epoch,
+        "val_macro_f1": result.kept_val_f1,
+        "kept_epoch": result.kept_epoch,
         "epochs_run": len(result.history),
         "planned_steps": result.planned_steps,
         "train_seconds": result.train_seconds,
@@ -363,6 +363,7 @@ def fit_prepared(
         mixer=run.augmentation.batch_mixer,
         class_weights=weights,
         device=pick_device(run.spec.device),
+        val_sites=list(split_rows(run.frame, "val")["source"]) if "source" in run.frame else None,
     )
 
 
@@ -405,7 +406,7 @@ def _train_leased(settings: Settings, run: PreparedRun, key: str) -> CandidateSu
         bundle = ModelBundle.for_backbone(
             run.spec.task, run.classes, run.backbone, run.preprocessing, calibration.inference
         )
-        log_model(tracker, bundle, result.best_state, run.loaders["train"].dataset.paths[0].read_bytes())
+        log_model(tracker, bundle, result.kept_state, run.loaders["train"].dataset.paths[0].read_bytes())
     checkpoint.unlink(missing_ok=True)  # the run holds the model now; a rerun trains afresh
     return CandidateSummary.from_run(tracking.read_run(settings, tracker.run_id))
 

@@ -3,9 +3,10 @@
 ``fit`` knows nothing about S3, MLflow or the CLI. It trains ``model`` through a list of ``Stage``s (by
 default one stage that fine-tunes everything; an optional short head-only stage first) with the recipe of
 `pipelines.model.recipe`: timm AdamW with layer-wise LR decay, warm-up + cosine stepped per update over
-the planned run, weight EMA. It validates the EMA weights after every epoch, keeps the best-validation
-macro-F1 epoch, and writes a checkpoint (model, EMA, optimizer, scheduler, step) after every epoch so
-that a crashed run resumes exactly where it stopped. Each epoch reseeds the RNGs and the shuffling from
+the planned run, weight EMA. It validates the EMA weights after every epoch, keeps the epoch that
+`pipelines.model.validation` chooses (the latest within one standard error of the best), and writes a
+checkpoint (model, EMA, optimizer, scheduler, step) after every epoch so that a crashed run resumes
+exactly where it stopped. Each epoch reseeds the RNGs and the shuffling from
 (seed, epoch), so a resumed run replays the epochs an uninterrupted run would have run.
 
 The schedule is planned in optimizer steps. Without a time budget it spans ``epochs``; with one, it is
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 from pipelines.model import checkpoint, recipe
 from pipelines.model.devices import autocast, pick_device, seed_everything, to_device, to_layout
-from pipelines.model.evaluate import macro_f1
 from pipelines.model.stages import Stage, apply_stage, freeze_frozen_batchnorm
+from pipelines.model.validation import keeps, validate
 
 log = logging.getLogger(__name__)
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 PROBE_STEPS = (2, 12)  # the updates timed for the first plan (the first one pays the loader's start-up)
 
 
@@ -71,7 +71,8 @@ class EpochRecord:
     stage: str
     train_loss: float
     val_loss: float
-    val_macro_f1: float
+    val_macro_f1: float  # averaged over the validation split's sites (`pipelines.model.validation`)
+    val_macro_f1_se: float  # its bootstrap standard error
     val_accuracy: float
     lr: float
     images_per_s: float
@@ -82,8 +83,10 @@ class EpochRecord:
 
 @dataclass
 class FitResult:
-    best_state: dict[str, torch.Tensor]
-    best_epoch: int
+    kept_state: dict[str, torch.Tensor]  # the weights the run keeps (the EMA's of ``kept_epoch``)
+    kept_epoch: int
+    kept_val_f1: float
+    best_epoch: int  # the best-scoring epoch; patience counts from it
     best_val_f1: float
     history: list[EpochRecord]
     stop_reason: str  # "completed" | "early_stopping" | "time_budget"
@@ -107,8 +110,11 @@ class _State:
     step: int = 0  # optimizer updates so far: the scheduler's and the EMA's clock
     planned_steps: int = 0  # the schedule's length in updates; planned from the budget in the first epoch
     best_val_f1: float = -1.0
+    best_val_se: float = 0.0
     best_epoch: int = -1
-    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept_val_f1: float = -1.0
+    kept_epoch: int = -1
+    kept_state: dict[str, torch.Tensor] = field(default_factory=dict)
     stale_epochs: int = 0
     history: list[EpochRecord] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -141,6 +147,7 @@ class _Loop:
     scaler: torch.amp.GradScaler
     ema: Any  # timm ModelEmaV3 or None
     budget_s: float | None
+    val_sites: Sequence[str] | None = None  # each validation image's source, in loader order
     scheduler: Any = None  # the current stage's; replaced when the plan changes
 
     @property
@@ -201,27 +208,6 @@ def _replan(loop: _Loop, optimizer, stage: Stage, state: _State, remaining_s: fl
     max_steps = loop.config.epochs * max(len(loop.train_loader), 1)
     state.planned_steps = recipe.planned_steps(max_steps, state.step, remaining_s, step_s)
     loop.scheduler = _make_scheduler(loop, optimizer, stage, state)
-
-
-@torch.no_grad()
-def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(integer labels, class probabilities) over a whole loader, in loader order."""
-    model.eval()
-    labels, probs = [], []
-    for images, targets in loader:
-        with autocast(device):
-            logits = model(to_device(images, device))
-        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        labels.append(targets.numpy())
-    return np.concatenate(labels), np.concatenate(probs)
-
-
-def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float, float]:
-    """(loss, macro-F1 over the classes present, accuracy) on the validation loader, as pipelines.model.evaluate."""
-    labels, probs = predict_proba(model, loader, device)
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
-    predicted = probs.argmax(axis=1)
-    return loss, macro_f1(labels, predicted), float(np.mean(predicted == labels))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -286,13 +272,16 @@ def fit(
     criterion: Criterion | None = None,
     class_weights: Sequence[float] | None = None,
     device: torch.device | None = None,
+    val_sites: Sequence[str] | None = None,
 ) -> FitResult:
-    """Train through ``stages``; return the best-validation-F1 weights (the EMA's) and the epoch history.
+    """Train through ``stages``; return the kept weights (the EMA's) and the epoch history.
 
     Stops when the planned steps are done, when val macro-F1 has not improved for ``config.patience``
     epochs of the last stage, or when ``config.time_budget_min`` of training + validation time (counted
-    across resumes) is spent; in every case the returned ``best_state`` is the best epoch seen.
-    ``mixer`` turns a batch into (images, soft targets); ``criterion`` defaults to `default_criterion`.
+    across resumes) is spent; in every case the returned ``kept_state`` is the latest epoch within one
+    standard error of the best (`pipelines.model.validation`). ``val_sites``: each validation image's
+    source, in loader order, so that validation weighs every site alike. ``mixer`` turns a batch into
+    (images, soft targets); ``criterion`` defaults to `default_criterion`.
     """
     device = device or pick_device()
     to_layout(model.to(device))
@@ -308,13 +297,15 @@ def fit(
     ema = recipe.make_ema(model, config.ema_decay)
     if saved and ema is not None:
         ema.module.load_state_dict(saved["ema"])
-    loop = _Loop(model, train_loader, val_loader, config, device, criterion, mixer, scaler, ema, budget_s)
+    loop = _Loop(model, train_loader, val_loader, config, device, criterion, mixer, scaler, ema, budget_s, val_sites)
     state = saved["state"] if saved else _State(planned_steps=config.epochs * max(len(train_loader), 1))
     resumed_from = state.epoch if saved else None
     stop_reason = _train_stages(loop, stages, state, saved, checkpoint_path, callbacks)
-    model.load_state_dict(state.best_state)
+    model.load_state_dict(state.kept_state)
     return FitResult(
-        best_state=state.best_state,
+        kept_state=state.kept_state,
+        kept_epoch=state.kept_epoch,
+        kept_val_f1=state.kept_val_f1,
         best_epoch=state.best_epoch,
         best_val_f1=state.best_val_f1,
         history=state.history,
@@ -389,13 +380,14 @@ def _run_epoch(loop: _Loop, optimizer, state: _State, stage: Stage) -> tuple[Epo
     description = f"epoch {state.epoch + 1} ({stage.name})"
     train_loss, seen, ended = _train_epoch(loop, optimizer, stage, state, deadline, description)
     train_seconds = time.monotonic() - started
-    val_loss, val_f1, val_acc = _validate(loop.eval_model, loop.val_loader, loop.device)
+    val_loss, val_f1, val_f1_se, val_acc = validate(loop.eval_model, loop.val_loader, loop.device, loop.val_sites)
     record = EpochRecord(
         epoch=state.epoch,
         stage=stage.name,
         train_loss=train_loss,
         val_loss=val_loss,
         val_macro_f1=val_f1,
+        val_macro_f1_se=val_f1_se,
         val_accuracy=val_acc,
         lr=max(group["lr"] for group in optimizer.param_groups),
         images_per_s=seen / max(train_seconds, 1e-9),
@@ -414,12 +406,17 @@ def _advance(state: _State, record: EpochRecord, kept: nn.Module, last_stage: bo
     state.elapsed_seconds += record.seconds
     state.images_seen += record.images
     if record.val_macro_f1 > state.best_val_f1:
-        state.best_val_f1 = record.val_macro_f1
-        state.best_epoch = record.epoch
-        state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()}
+        state.best_val_f1, state.best_val_se, state.best_epoch = (
+            record.val_macro_f1,
+            record.val_macro_f1_se,
+            record.epoch,
+        )
         state.stale_epochs = 0
     elif last_stage:
         state.stale_epochs += 1
+    if keeps(record.val_macro_f1, state.best_val_f1, state.best_val_se):
+        state.kept_val_f1, state.kept_epoch = record.val_macro_f1, record.epoch
+        state.kept_state = {k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()}
 
 
 def _log_progress(state: _State, record: EpochRecord, budget_s: float | None) -> None:
@@ -428,15 +425,18 @@ def _log_progress(state: _State, record: EpochRecord, budget_s: float | None) ->
     if budget_s is not None:
         remaining = min(remaining, budget_s - state.elapsed_seconds)
     log.info(
-        "epoch %d (%s, step %d/%d): loss %.4f  val macro-F1 %.4f (best %.4f @%d)  lr %.2e  %.1f img/s  ETA %.0f s",
+        "epoch %d (%s, step %d/%d): loss %.4f  val macro-F1 %.4f ± %.4f (best %.4f @%d, kept @%d)  lr %.2e"
+        "  %.1f img/s  ETA %.0f s",
         record.epoch + 1,
         record.stage,
         state.step,
         state.planned_steps,
         record.train_loss,
         record.val_macro_f1,
+        record.val_macro_f1_se,
         state.best_val_f1,
         state.best_epoch + 1,
+        state.kept_epoch + 1,
         record.lr,
         record.images_per_s,
         max(remaining, 0.0),

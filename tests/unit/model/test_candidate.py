@@ -27,7 +27,7 @@ METRICS = {
     "test_accuracy": 0.78,
     "test_f1_ci_low": 0.7,
     "test_f1_ci_high": 0.8,
-    "best_epoch": 2.0,
+    "kept_epoch": 2.0,
     "epochs_run": 5.0,
     "train_images_per_s": 123.4567,
     "n_train": 60.0,
@@ -44,7 +44,7 @@ def _run(tags: dict[str, str] = TAGS) -> RunRecord:
 def test_summary_reads_the_logged_run_facts() -> None:
     summary = CandidateSummary.from_run(_run())
     assert summary.model_uri == "runs:/run1/model" and summary.pretrained is False
-    assert (summary.epochs_run, summary.best_epoch, summary.image_size, summary.n_train) == (5, 2, 64, 60)
+    assert (summary.epochs_run, summary.kept_epoch, summary.image_size, summary.n_train) == (5, 2, 64, 60)
     assert summary.test_f1_ci == (0.7, 0.8) and summary.train_images_per_s == 123.46
     assert summary.resumed_from_epoch is None and summary.device == "cpu"
     as_json = json.loads(json.dumps(summary.to_dict()))
@@ -91,4 +91,4 @@ def test_the_one_training_path_trains_a_folder_frame_with_class_weights(shared_d
     )
     assert [s.name for s in seen["stages"]] == ["full"] and seen["mixer"] is None  # augment "none" from settings
     assert len(result.history) == 1 and result.planned_steps == len(run.loaders["train"])
-    assert set(result.best_state) == set(run.backbone.model.state_dict())
+    assert set(result.kept_state) == set(run.backbone.model.state_dict())

@@ -56,14 +56,37 @@ def _fit(config: TrainConfig, **kwargs):
     return fit(_tiny_net(), train, val, stages=stages, config=config, device=CPU, **kwargs)
 
 
-def test_fit_learns_and_returns_best_epoch_weights() -> None:
-    result = _fit(TrainConfig(epochs=4, lr=0.05, patience=10))
+def test_fit_learns_and_keeps_the_latest_epoch_within_one_standard_error_of_the_best() -> None:
+    model = _tiny_net()
+    train, val = _loaders()
+    config = TrainConfig(epochs=4, lr=0.05, patience=10)
+    result = fit(model, train, val, stages=[Stage("full", 4, 0.05, ("",))], config=config, device=CPU)
     assert result.stop_reason == "completed"
     assert len(result.history) == 4
     assert result.best_val_f1 >= 0.8
     assert result.best_val_f1 == max(r.val_macro_f1 for r in result.history)
-    assert result.history[result.best_epoch].val_macro_f1 == result.best_val_f1
+    best = result.history[result.best_epoch]
+    assert best.val_macro_f1 == result.best_val_f1 and 0 <= best.val_macro_f1_se < 0.2
+    threshold = result.best_val_f1 - best.val_macro_f1_se
+    assert result.kept_epoch >= result.best_epoch
+    assert result.history[result.kept_epoch].val_macro_f1 == result.kept_val_f1 >= threshold
+    assert all(r.val_macro_f1 < threshold for r in result.history[result.kept_epoch + 1 :])
+    assert all(torch.equal(value, result.kept_state[key]) for key, value in model.state_dict().items())
     assert result.images_per_s > 0
+
+
+def test_a_later_epoch_within_one_standard_error_replaces_the_kept_weights() -> None:
+    from pipelines.model.train import EpochRecord, _advance, _State
+
+    state, model = _State(), _tiny_net()
+    scores = [(0.90, 0.02), (0.89, 0.03), (0.87, 0.02), (0.93, 0.01), (0.925, 0.02)]
+    # 0.89 >= 0.90 - 0.02: kept; 0.87 < 0.90 - 0.02: not; 0.93: a new best; 0.925 >= 0.93 - 0.01: kept
+    expected = [(0, 0), (1, 0), (1, 0), (3, 3), (4, 3)]  # (kept epoch, best epoch) after each epoch
+    for epoch, (f1, standard_error) in enumerate(scores):
+        _advance(state, EpochRecord(epoch, "full", 1.0, 1.0, f1, standard_error, 0.9, 1e-3, 10.0, 1.0), model, True)
+        assert (state.kept_epoch, state.best_epoch) == expected[epoch]
+        assert state.kept_val_f1 == scores[state.kept_epoch][0]
+    assert state.stale_epochs == 1  # patience counts from the best epoch, not the kept one
 
 
 def test_head_stage_trains_only_the_head_and_keeps_frozen_batchnorm_stats() -> None:
@@ -96,14 +119,15 @@ def test_early_stopping_stops_after_patience_without_improvement() -> None:
     result = _fit(TrainConfig(epochs=20, lr=0.0, patience=2))
     assert result.stop_reason == "early_stopping"
     assert len(result.history) == result.best_epoch + 1 + 2
+    assert result.best_epoch <= result.kept_epoch < len(result.history)
     assert all(r.val_macro_f1 <= result.best_val_f1 for r in result.history[result.best_epoch + 1 :])
 
 
-def test_time_budget_ends_the_run_with_the_best_checkpoint(tmp_path) -> None:
+def test_time_budget_ends_the_run_with_the_kept_checkpoint(tmp_path) -> None:
     result = _fit(TrainConfig(epochs=50, lr=0.05, time_budget_min=0.0005), checkpoint_path=tmp_path / "c.pt")
     assert result.stop_reason == "time_budget"
     assert 1 <= len(result.history) < 50
-    assert result.best_state and result.best_val_f1 == max(r.val_macro_f1 for r in result.history)
+    assert result.kept_state and result.best_val_f1 == max(r.val_macro_f1 for r in result.history)
 
 
 class _CrashAt:
@@ -127,6 +151,7 @@ def test_resume_after_a_crash_continues_from_the_checkpoint_epoch(tmp_path) -> N
     uninterrupted = _fit(config)
     assert resumed.best_val_f1 >= max(r.val_macro_f1 for r in resumed.history[:2])
     assert resumed.best_val_f1 == pytest.approx(uninterrupted.best_val_f1)
+    assert resumed.kept_epoch == uninterrupted.kept_epoch
     assert resumed.history[-1].val_loss == pytest.approx(uninterrupted.history[-1].val_loss, rel=1e-4)
 
 
@@ -291,8 +316,8 @@ def test_resume_restores_ema_scheduler_and_step_exactly(tmp_path) -> None:
     resumed = _fit(config, checkpoint_path=path)
     uninterrupted = _fit(config)
     assert [r.lr for r in resumed.history] == pytest.approx([r.lr for r in uninterrupted.history])
-    for key, value in uninterrupted.best_state.items():
-        assert torch.allclose(resumed.best_state[key].float(), value.float(), atol=1e-6), key
+    for key, value in uninterrupted.kept_state.items():
+        assert torch.allclose(resumed.kept_state[key].float(), value.float(), atol=1e-6), key
 
 
 def test_warmup_then_cosine_is_stepped_per_update() -> None:

@@ -172,7 +172,7 @@ def _train(train: tuple, val: tuple):
         config=config,
         device=torch.device("cpu"),
     )
-    backbone.model.load_state_dict(result.best_state)
+    backbone.model.load_state_dict(result.kept_state)
     backbone.model.eval()
     return backbone, prep
 
