@@ -325,9 +325,10 @@ def _log_test_evaluation(tracker: tracking.TrainingTracker, result: EvalResult, 
 
 
 def _fit_metrics(result: FitResult, run: PreparedRun) -> dict[str, float]:
-    """Run-level metrics; ``val_macro_f1`` is the kept epoch's."""
+    """Run-level metrics; ``val_macro_f1`` and ``val_loss`` are the kept epoch's."""
     return {
         "val_macro_f1": result.kept_val_f1,
+        "val_loss": result.history[result.kept_epoch].val_loss,
         "kept_epoch": result.kept_epoch,
         "epochs_run": len(result.history),
         "planned_steps": result.planned_steps,

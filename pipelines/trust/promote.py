@@ -279,7 +279,7 @@ def promote_run(run_id: str, reason: str, settings: Settings | None = None) -> d
 
 
 def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Rank runs by validation macro-F1 (never test), gate them in that order; the first that passes wins."""
+    """Rank runs by validation (`validation_rank`; never test), gate them in that order; the first that passes wins."""
     settings = settings or get_settings()
     registry = Registry.from_settings(settings)
     runs = [registry.read_run(r) for r in dict.fromkeys(run_ids)]
@@ -291,16 +291,22 @@ def select_and_promote(run_ids: Sequence[str], reason: str, settings: Settings |
     unranked = [r.run_id for r in runs if "val_macro_f1" not in r.metrics]
     if unranked:
         raise PromotionError(f"runs without val_macro_f1 cannot be ranked: {', '.join(unranked)}")
-    ranked = sorted(runs, key=lambda r: r.metrics["val_macro_f1"], reverse=True)
+    ranked = sorted(runs, key=validation_rank)
     task = next(iter(tasks))
     with _exclusive(registry, settings, task):
         return _select_leased(registry, settings, task, ranked, reason)
 
 
+def validation_rank(run: RunRecord) -> tuple[float, float]:
+    """The sort key of a candidate: the higher validation macro-F1 first, then the lower validation loss.
+    The loss breaks ties: a short grid on an easy split often gives every candidate val F1 1.000."""
+    return -run.metrics["val_macro_f1"], run.metrics.get("val_loss", float("inf"))
+
+
 def _select_leased(
     registry: Registry, settings: Settings, task: str, ranked: list[RunRecord], reason: str
 ) -> dict[str, Any]:
-    ranking = [{"run_id": r.run_id, "val_macro_f1": r.metrics["val_macro_f1"]} for r in ranked]
+    ranking = [{"run_id": r.run_id, **{k: r.metrics.get(k) for k in ("val_macro_f1", "val_loss")}} for r in ranked]
     champion = registry.champion(task)
     if champion is not None and champion.run_id in {r.run_id for r in ranked}:  # a rerun after it promoted one
         return {
@@ -318,7 +324,7 @@ def _select_leased(
             registry,
             settings,
             run,
-            f"{reason} (selected by val_macro_f1 rank {len(results) + 1}/{len(ranked)})",
+            f"{reason} (selected by validation rank {len(results) + 1}/{len(ranked)})",
         )
         results.append(result.to_dict())
         if result.decision.passed:

@@ -97,6 +97,8 @@ def test_training_run_is_logged_with_contract_metrics_tags_and_artifacts(trained
     assert tags["dataset_version"] == trained.dataset_version
     for name in (
         "val_macro_f1",
+        "val_loss",
+        "kept_epoch",
         "test_macro_f1",
         "test_accuracy",
         "test_f1_ci_low",

@@ -7,7 +7,7 @@ import pytest
 from pipelines.core.settings import GateThresholds
 from pipelines.trust.evidence import EvidenceError, candidate_metrics, holdout_figures
 from pipelines.trust.gate import HoldoutFigure, decide
-from pipelines.trust.promote import gate_moves, promotion_moves, version_tags
+from pipelines.trust.promote import gate_moves, promotion_moves, validation_rank, version_tags
 
 from .training_run import METRICS, predictions, run
 
@@ -69,3 +69,14 @@ def test_gate_moves_follow_the_decision():
     assert gate_moves(passed, aliases, "2", False) == [("previous", "1"), ("champion", "2")]
     assert gate_moves(worse, aliases, "2", False) == [("challenger", "2")]
     assert gate_moves(shortcut, aliases, "2", False) == []
+
+
+def test_validation_rank_breaks_an_f1_tie_by_the_lower_validation_loss():
+    def candidate(run_id: str, f1: float, loss: float | None):
+        record = run(METRICS | {"val_macro_f1": f1} | ({"val_loss": loss} if loss is not None else {}))
+        return replace(record, run_id=run_id)
+
+    runs = [candidate("tied-high-loss", 1.0, 0.30), candidate("lower-f1", 0.9, 0.01), candidate("tied", 1.0, 0.12)]
+    runs.append(candidate("tied-no-loss", 1.0, None))  # logged before val_loss was: ranked after its ties
+    ranked = [r.run_id for r in sorted(runs, key=validation_rank)]
+    assert ranked == ["tied", "tied-high-loss", "tied-no-loss", "lower-f1"]
