@@ -6,8 +6,8 @@ default one stage that fine-tunes everything; an optional short head-only stage 
 the planned run, weight EMA. It validates the EMA weights after every epoch, keeps the epoch that
 `pipelines.model.validation` chooses (the latest within one standard error of the best), and writes a
 checkpoint (model, EMA, optimizer, scheduler, step) after every epoch so that a crashed run resumes
-exactly where it stopped. Each epoch reseeds the RNGs and the shuffling from
-(seed, epoch), so a resumed run replays the epochs an uninterrupted run would have run.
+exactly where it stopped. Each epoch reseeds the RNGs and the shuffling from (seed, epoch), so a resumed
+run replays the epochs an uninterrupted run would have run.
 
 The schedule is planned in optimizer steps. Without a time budget it spans ``epochs``; with one, it is
 planned after the first few updates (as many steps as the remaining budget allows at their measured
@@ -406,11 +406,9 @@ def _advance(state: _State, record: EpochRecord, kept: nn.Module, last_stage: bo
     state.elapsed_seconds += record.seconds
     state.images_seen += record.images
     if record.val_macro_f1 > state.best_val_f1:
-        state.best_val_f1, state.best_val_se, state.best_epoch = (
-            record.val_macro_f1,
-            record.val_macro_f1_se,
-            record.epoch,
-        )
+        state.best_val_f1 = record.val_macro_f1
+        state.best_val_se = record.val_macro_f1_se
+        state.best_epoch = record.epoch
         state.stale_epochs = 0
     elif last_stage:
         state.stale_epochs += 1
